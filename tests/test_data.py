@@ -1,0 +1,571 @@
+"""Tests for data.py: masking statistics and rules, collate layout, augmentation, datasets, sampler.
+
+Expected values are computed independently in the tests (hand formulas, scripted random draws, loops).
+Run: python -m pytest -q tests/test_data.py
+"""
+import io
+import itertools
+import math
+import pickle
+import random
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageFilter
+
+import data
+from data import (IMAGENET_MEAN, IMAGENET_STD, CropParams, ImageFolderDataset, InfiniteSampler, MaskingGenerator,
+                  MultiCropAugmentation, MultiCropCollate, SyntheticDataset, load_image)
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+def normalised(value_rgb):
+    """The expected tensor value of a pixel, straight from the formula (x / 255 - mean) / std."""
+    return [(v / 255 - m) / s for v, m, s in zip(value_rgb, IMAGENET_MEAN, IMAGENET_STD)]
+
+
+def assert_constant(t, value_rgb, atol=1e-5):
+    expected = torch.tensor(normalised(value_rgb), dtype=torch.float32).view(3, 1, 1).expand_as(t)
+    torch.testing.assert_close(t, expected, atol=atol, rtol=0)
+
+
+def plain_augmentation(**kw):
+    """An augmentation with every random photometric operation switched off."""
+    aug = MultiCropAugmentation(**kw)
+    aug.p_color_jitter, aug.p_grayscale, aug.p_blur, aug.p_solarize = 0.0, 0.0, (0.0, 0.0, 0.0), 0.0
+    return aug
+
+
+def dummy_crops(n_local=0):
+    return {"global_crops": [torch.zeros(3, 1, 1)] * 2, "local_crops": [torch.zeros(3, 1, 1)] * n_local}
+
+
+class ScriptedRng:
+    """Stands in for random.Random: returns pre-scripted values, so a mask can be worked out by hand."""
+
+    def __init__(self, uniforms, randints):
+        self.uniforms, self.randints = list(uniforms), list(randints)
+
+    def uniform(self, a, b):
+        return self.uniforms.pop(0)
+
+    def randint(self, a, b):
+        value = self.randints.pop(0)
+        assert a <= value <= b
+        return value
+
+
+# ------------------------------------------------------------------------------------------------ masking
+
+def test_masking_statistics_200_batches_of_64():
+    """RECIPE 2.1: exactly int(0.5 * 2B) masked crops per batch, mean ratio over masked crops ~0.30 (released 0.298)."""
+    torch.manual_seed(0)
+    B, N = 64, 256
+    collate = MultiCropCollate(MaskingGenerator((16, 16)))
+    ratios = []
+    for _ in range(200):
+        out = collate([(dummy_crops(), 1)] * B)
+        masks = out["masks"]
+        assert masks.shape == (2 * B, N) and masks.dtype == torch.bool
+        counts = np.count_nonzero(masks.numpy(), axis=1)  # (2B,)
+        assert int((counts > 0).sum()) == int(0.5 * 2 * B)
+        ratios += (counts[counts > 0] / N).tolist()
+        # mask_indices are the flat positions of the True entries (row * N + column), in row-major order.
+        rows, cols = masks.nonzero(as_tuple=True)
+        assert out["mask_indices"].dtype == torch.long and torch.equal(out["mask_indices"], rows * N + cols)
+        assert out["n_masked"] == len(rows)
+        # Each weight is 1 / (masked tokens of the token's own crop): per masked crop they sum to 1.
+        np.testing.assert_allclose(out["mask_weights"].numpy(), 1.0 / counts[rows.numpy()], rtol=1e-6)
+        per_crop = np.bincount(rows.numpy(), weights=out["mask_weights"].numpy(), minlength=2 * B)
+        np.testing.assert_allclose(per_crop[counts > 0], 1.0, rtol=1e-5)
+    mean_ratio = float(np.mean(ratios))
+    assert abs(mean_ratio - 0.30) <= 0.01, mean_ratio
+    assert 0.09 <= min(ratios) and max(ratios) <= 0.5
+
+
+def test_masking_generator_by_hand():
+    """A scripted draw: blocks overlap, only new cells count, the last block is smaller than 4 to hit the target."""
+    gen = MaskingGenerator((6, 6), max_num_patches=18)
+    rng = ScriptedRng(
+        uniforms=[9.0, 0.0,               # block 1: area 9, aspect 1 -> 3x3 at (1, 2): 9 new
+                  3.0, math.log(3.0),     # block 2, try 1: area 3, aspect 3 -> 3x1 at (1, 2): inside block 1, 0 new
+                  3.0, math.log(3.0),     # block 2, try 2: 3x1 at (3, 2): 2 new (row 3 already masked)
+                  1.0, 0.0],              # block 3: 1x1 at (0, 0): 1 new -> 12 = target
+        randints=[1, 2, 1, 2, 3, 2, 0, 0])
+    mask = gen(12, rng=rng)
+    expected = np.zeros((6, 6), dtype=bool)
+    expected[1:4, 2:5] = True
+    expected[4:6, 2] = True
+    expected[0, 0] = True
+    np.testing.assert_array_equal(mask, expected)
+
+
+def test_masking_generator_stops_when_a_block_adds_nothing():
+    gen = MaskingGenerator((6, 6), max_num_patches=18)
+    # Block 1 masks 3x3; then 10 tries of a 1x1 block, all inside it: the generator gives up at 9 < 12.
+    rng = ScriptedRng(uniforms=[9.0, 0.0] + [1.0, 0.0] * 10, randints=[1, 2] + [2, 3] * 10)
+    assert gen(12, rng=rng).sum() == 9
+
+
+def test_masking_blocks_respect_min_area_and_target():
+    class Recording(MaskingGenerator):
+        def block_shape(self, max_patches, rng):
+            h, w = super().block_shape(max_patches, rng)
+            shapes.append((h, w, max_patches))
+            return h, w
+
+    shapes = []
+    gen = Recording((16, 16))
+    rng = random.Random(0)
+    for target in [int(256 * r) for r in np.linspace(0.1, 0.5, 400)]:
+        mask = gen(target, rng=rng)
+        assert mask.shape == (16, 16) and mask.dtype == bool
+        assert target * 0.9 <= mask.sum() <= target  # never above the target, rarely a little below
+    areas = np.array([h * w for h, w, m in shapes if m >= 4])
+    # A 4-patch target can round to a 3x1 block (h = round(sqrt(4 a)), w = round(sqrt(4 / a))), as in the
+    # released code (about 7 % of the drawn blocks); never smaller.
+    assert areas.min() >= 3 and (areas >= 4).mean() > 0.9
+    # Only when fewer than 4 patches remain may a block be smaller (target U(4, remaining) then lies below 4).
+    assert any(h * w < 3 for h, w, m in shapes if m < 4)
+
+
+def test_collate_view_major_order_and_shapes():
+    B, n_local = 3, 4
+    batch = []
+    for b in range(B):  # pixel values encode (image b, crop j)
+        crops = {"global_crops": [torch.full((3, 8, 8), 10.0 * b + j) for j in range(2)],
+                 "local_crops": [torch.full((3, 4, 4), 100.0 + 10 * b + j) for j in range(n_local)]}
+        batch.append((crops, 7 + b))
+    out = MultiCropCollate(MaskingGenerator((2, 2)))(batch)
+    assert out["global_crops"].shape == (2 * B, 3, 8, 8) and out["global_crops"].dtype == torch.float32
+    assert out["local_crops"].shape == (n_local * B, 3, 4, 4) and out["local_crops"].dtype == torch.float32
+    for j in range(2):
+        for b in range(B):
+            assert (out["global_crops"][j * B + b] == 10.0 * b + j).all()
+    for j in range(n_local):
+        for b in range(B):
+            assert (out["local_crops"][j * B + b] == 100.0 + 10 * b + j).all()
+    assert out["labels"].tolist() == [7, 8, 9] and out["labels"].dtype == torch.long
+    assert out["masks"].shape == (2 * B, 4) and out["mask_weights"].dtype == torch.float32
+
+
+def test_collate_without_local_crops():
+    out = MultiCropCollate(MaskingGenerator((2, 2)))([(dummy_crops(), 0)] * 2)
+    assert out["local_crops"].shape[:2] == (0, 3)
+    out = MultiCropCollate(MaskingGenerator((2, 2)), local_size=7)([(dummy_crops(), 0)] * 2)
+    assert out["local_crops"].shape == (0, 3, 7, 7)
+
+
+def test_collate_masked_crops_with_no_patches_do_not_divide_by_zero():
+    torch.manual_seed(0)
+    # Ratios in [0, 0.1) of 16 patches: most masked crops get a target of 0 or 1 patch.
+    out = MultiCropCollate(MaskingGenerator((4, 4)), mask_ratio=(0.0, 0.1))([(dummy_crops(), 0)] * 8)
+    assert torch.isfinite(out["mask_weights"]).all()
+    assert out["mask_weights"].numel() == out["mask_indices"].numel() == out["n_masked"]
+    counts = out["masks"].numpy().sum(-1)
+    per_crop = np.bincount(out["mask_indices"].numpy() // 16, weights=out["mask_weights"].numpy(), minlength=16)
+    np.testing.assert_allclose(per_crop, (counts > 0).astype(float), rtol=1e-6)
+    out = MultiCropCollate(MaskingGenerator((4, 4)), mask_ratio=(0.0, 0.0))([(dummy_crops(), 0)] * 4)
+    assert out["n_masked"] == 0 and out["mask_weights"].shape == (0,) and out["mask_indices"].shape == (0,)
+
+
+def test_collate_reproducible_under_manual_seed_and_picklable():
+    collate = pickle.loads(pickle.dumps(MultiCropCollate(MaskingGenerator((8, 8)))))
+    torch.manual_seed(3)
+    a = collate([(dummy_crops(), 0)] * 16)["masks"]
+    torch.manual_seed(3)
+    b = collate([(dummy_crops(), 0)] * 16)["masks"]
+    c = collate([(dummy_crops(), 0)] * 16)["masks"]
+    assert torch.equal(a, b) and not torch.equal(b, c)
+
+
+# ------------------------------------------------------------------------------------------------ augmentation
+
+def photo(width=500, height=375, seed=0):
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def test_augmentation_default_shapes_and_batch():
+    aug = MultiCropAugmentation()
+    out = aug(photo())
+    assert len(out["global_crops"]) == 2 and len(out["local_crops"]) == 8
+    assert all(t.shape == (3, 224, 224) and t.dtype == torch.float32 for t in out["global_crops"])
+    assert all(t.shape == (3, 98, 98) and t.dtype == torch.float32 for t in out["local_crops"])
+    batch = MultiCropCollate(MaskingGenerator((16, 16)))([(out, 0), (aug(photo(seed=1)), 1)])
+    assert batch["global_crops"].shape == (4, 3, 224, 224) and batch["local_crops"].shape == (16, 3, 98, 98)
+    assert batch["masks"].shape == (4, 256)
+
+
+def test_normalisation_matches_formula():
+    value = (10, 128, 250)
+    assert_constant(MultiCropAugmentation.to_tensor(Image.new("RGB", (7, 5), value)), value)
+    aug = plain_augmentation(global_size=32, local_size=16, n_local=2)
+    out = aug(Image.new("RGB", (90, 60), value))  # any crop of a constant image is the same constant
+    for t in out["global_crops"] + out["local_crops"]:
+        assert_constant(t, value)
+
+
+def test_solarize_only_on_second_global_crop():
+    aug = plain_augmentation(global_size=16, local_size=8, n_local=3)
+    aug.p_solarize = 1.0
+    g1, g2 = aug(Image.new("RGB", (40, 40), (200, 200, 200)))["global_crops"]
+    locals_ = aug(Image.new("RGB", (40, 40), (200, 200, 200)))["local_crops"]
+    assert_constant(g1, (200,) * 3)
+    assert_constant(g2, (55,) * 3)  # 255 - 200: values >= 128 are inverted
+    for t in locals_:
+        assert_constant(t, (200,) * 3)
+    assert_constant(aug(Image.new("RGB", (40, 40), (100,) * 3))["global_crops"][1], (100,) * 3)  # below 128
+
+
+def frequencies(aug, n=3000):
+    rng = random.Random(0)
+    plans = [aug.sample_params(500, 375, rng) for _ in range(n)]
+    blur = np.array([[p.blur_sigma is not None for p in plan] for plan in plans], dtype=float)  # (n, 2 + L)
+    return plans, blur
+
+
+def within(freq, p, n):
+    return abs(freq - p) <= 4 * math.sqrt(p * (1 - p) / n) + 1e-12
+
+
+@pytest.mark.parametrize("mode,expected", [("paper", (1.0, 0.1, 0.5)), ("released", (0.0, 0.9, 0.5))])
+def test_blur_probabilities(mode, expected):
+    aug = MultiCropAugmentation(blur=mode)
+    assert aug.p_blur == expected
+    n = 3000
+    plans, blur = frequencies(aug, n)
+    assert within(blur[:, 0].mean(), expected[0], n)  # exactly 1.0 or 0.0 where p is 1 or 0
+    assert within(blur[:, 1].mean(), expected[1], n)
+    assert within(blur[:, 2:].mean(), expected[2], n * 8)
+    sigmas = [p.blur_sigma for plan in plans for p in plan if p.blur_sigma is not None]
+    assert 0.1 <= min(sigmas) and max(sigmas) <= 2.0
+    with pytest.raises(ValueError, match="blur"):
+        MultiCropAugmentation(blur="sometimes")
+
+
+def test_other_photometric_probabilities_and_ranges():
+    n = 3000
+    plans, _ = frequencies(MultiCropAugmentation(), n)
+    solar = np.array([[p.solarize for p in plan] for plan in plans], dtype=float)
+    assert solar[:, 0].sum() == 0 and solar[:, 2:].sum() == 0 and within(solar[:, 1].mean(), 0.2, n)
+    flat = [p for plan in plans for p in plan]
+    m = len(flat)
+    assert within(np.mean([bool(p.jitter) for p in flat]), 0.8, m)
+    assert within(np.mean([p.grayscale for p in flat]), 0.2, m)
+    assert within(np.mean([p.flip for p in flat]), 0.5, m)
+    ranges = {"brightness": (0.6, 1.4), "contrast": (0.6, 1.4), "saturation": (0.8, 1.2), "hue": (-0.1, 0.1)}
+    orders = set()
+    for p in flat:
+        if p.jitter:
+            assert sorted(name for name, _ in p.jitter) == sorted(ranges)
+            assert all(ranges[name][0] <= f <= ranges[name][1] for name, f in p.jitter)
+            orders.add(tuple(name for name, _ in p.jitter))
+    assert len(orders) == 24  # every order of the 4 operations occurs
+
+
+def test_crop_boxes_scale_ratio_and_fallback():
+    aug = MultiCropAugmentation()
+    rng = random.Random(0)
+    for _ in range(2000):
+        left, top, right, bottom = aug.crop_box(500, 375, (0.32, 1.0), rng)
+        w, h = right - left, bottom - top
+        assert 0 <= left and 0 <= top and right <= 500 and bottom <= 375
+        assert 0.32 * 0.97 <= w * h / (500 * 375) <= 1.0
+        assert 3 / 4 * 0.95 <= w / h <= 4 / 3 * 1.05
+    # No random try fits a 1000x10 strip, so the largest centred crop of aspect 4/3 is used: 13 x 10.
+    assert aug.crop_box(1000, 10, (0.32, 1.0), rng) == ((1000 - 13) // 2, 0, (1000 - 13) // 2 + 13, 10)
+    assert aug.crop_box(10, 1000, (0.32, 1.0), rng) == (0, (1000 - 13) // 2, 10, (1000 - 13) // 2 + 13)
+
+
+def test_render_applies_blur_and_pil_radius_is_sigma():
+    # A vertical bright line: the blurred horizontal profile is a 1-D Gaussian whose variance should be sigma^2.
+    line = np.zeros((64, 65), dtype=np.uint8)
+    line[:, 32] = 255
+    for sigma in (1.0, 2.0):
+        profile = np.asarray(Image.fromarray(line).filter(ImageFilter.GaussianBlur(radius=sigma)))[32].astype(float)
+        x = np.arange(65) - 32
+        var = (profile * x**2).sum() / profile.sum()
+        assert abs(math.sqrt(var) - sigma) / sigma < 0.1, (sigma, math.sqrt(var))
+    img = photo(64, 64)
+    base = CropParams((0, 0, 64, 64), 64, False, (), False, None, False)
+    sharp = MultiCropAugmentation.render(img, base)
+    blurred = MultiCropAugmentation.render(img, CropParams((0, 0, 64, 64), 64, False, (), False, 2.0, False))
+    assert np.array_equal(np.asarray(sharp), np.asarray(img))  # identity crop at the same size: unchanged
+    assert np.asarray(blurred, dtype=float).std() < 0.5 * np.asarray(sharp, dtype=float).std()
+    flipped = MultiCropAugmentation.render(img, CropParams((0, 0, 64, 64), 64, True, (), False, None, False))
+    assert np.array_equal(np.asarray(flipped), np.asarray(img)[:, ::-1])
+    gray = np.asarray(MultiCropAugmentation.render(img, CropParams((0, 0, 64, 64), 64, False, (), True, None,
+                                                                   False)))
+    assert (gray[..., 0] == gray[..., 1]).all() and (gray[..., 1] == gray[..., 2]).all()
+
+
+def test_augmentation_reproducible_under_manual_seed():
+    aug = MultiCropAugmentation(global_size=32, local_size=16, n_local=2)
+    img = photo(80, 60)
+    torch.manual_seed(1)
+    a = aug(img)["local_crops"][1]
+    torch.manual_seed(1)
+    assert torch.equal(a, aug(img)["local_crops"][1])
+
+
+# ------------------------------------------------------------------------------------------------ sampler
+
+def reference_stream(size, rank, world, seed, passes):
+    """The documented stream, written out: global randperm(seed), shard perm[rank::world] (size // world
+    entries), pass p reordered by randperm with seed + rank + (p << 24)."""
+    g = torch.Generator()
+    g.manual_seed(seed)
+    perm = torch.randperm(size, generator=g).tolist()
+    shard_len = size // world
+    shard = [perm[rank + k * world] for k in range(shard_len)]
+    out = []
+    for p in range(passes):
+        g.manual_seed(seed + rank + (p << 24))
+        out += [shard[k] for k in torch.randperm(shard_len, generator=g).tolist()]
+    return out
+
+
+@pytest.mark.parametrize("size,world", [(100, 4), (103, 4), (10, 1)])
+def test_sampler_matches_reference_and_shards(size, world):
+    shard_len = size // world
+    shards = []
+    for rank in range(world):
+        got = list(itertools.islice(InfiniteSampler(size, rank, world, seed=5), 3 * shard_len))
+        assert got == reference_stream(size, rank, world, 5, 3)
+        first, second = got[:shard_len], got[shard_len:2 * shard_len]
+        assert sorted(first) == sorted(second) and first != second  # same shard, new order each pass
+        shards.append(set(first))
+    assert all(len(s) == shard_len for s in shards)
+    assert all(not (a & b) for a, b in itertools.combinations(shards, 2))  # disjoint
+    covered = set().union(*shards)
+    g = torch.Generator()
+    g.manual_seed(5)
+    dropped = set(torch.randperm(size, generator=g).tolist()[shard_len * world:])  # size % world left out
+    assert covered | dropped == set(range(size)) and not (covered & dropped)
+
+
+def test_sampler_start_skips_items():
+    full = list(itertools.islice(InfiniteSampler(37, 1, 3, seed=2), 200))
+    for k in [0, 5, 12, 13, 60, 150]:
+        assert list(itertools.islice(InfiniteSampler(37, 1, 3, seed=2, start=k), 30)) == full[k:k + 30]
+    # A start far away is O(1): resume at pass 10^6 without replaying earlier passes.
+    far = 12 * 1_000_000 + 3
+    assert list(itertools.islice(InfiniteSampler(37, 1, 3, seed=2, start=far), 4)) == \
+        reference_stream_at(37, 1, 3, 2, 1_000_000)[3:7]
+    with pytest.raises(ValueError):
+        InfiniteSampler(2, 0, 4)
+
+
+def reference_stream_at(size, rank, world, seed, pass_index):
+    g = torch.Generator()
+    g.manual_seed(seed)
+    shard = torch.randperm(size, generator=g)[rank:(size // world) * world:world].tolist()
+    g.manual_seed(seed + rank + (pass_index << 24))
+    return [shard[k] for k in torch.randperm(len(shard), generator=g).tolist()]
+
+
+def test_dataloader_with_workers_is_reproducible():
+    ds = SyntheticDataset(n=16, size=48, transform=MultiCropAugmentation(32, 16, 2))
+    collate = MultiCropCollate(MaskingGenerator((4, 4)))
+
+    def two_batches():
+        torch.manual_seed(0)
+        loader = torch.utils.data.DataLoader(ds, batch_size=4, sampler=InfiniteSampler(len(ds)), num_workers=2,
+                                             collate_fn=collate)
+        it = iter(loader)
+        return [next(it) for _ in range(2)]
+
+    a, b = two_batches(), two_batches()
+    for x, y in zip(a, b):
+        assert torch.equal(x["global_crops"], y["global_crops"]) and torch.equal(x["masks"], y["masks"])
+        assert x["local_crops"].shape == (8, 3, 16, 16)
+
+
+# ------------------------------------------------------------------------------------------------ image folder
+
+def save(path, img, **kw):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path, **kw)
+    return path
+
+
+def solid(color, size=(12, 10)):
+    return Image.new("RGB", size, color)
+
+
+def test_class_subfolders(tmp_path):
+    save(tmp_path / "cat" / "a.png", solid((255, 0, 0)))
+    save(tmp_path / "cat" / "deep" / "b.JPG", solid((250, 0, 0)))
+    save(tmp_path / "dog" / "c.bmp", solid((0, 0, 255)))
+    (tmp_path / "dog" / "notes.txt").write_text("not an image")
+    (tmp_path / "empty").mkdir()
+    save(tmp_path / ".hidden" / "d.png", solid((0, 255, 0)))
+    ds = ImageFolderDataset(tmp_path)
+    assert ds.classes == ["cat", "dog"]
+    assert [(p.split("/")[-1], y) for p, y in ds.samples] == [("a.png", 0), ("b.JPG", 0), ("c.bmp", 1)]
+    assert ds.targets == [0, 0, 1]
+    img, label = ds[2]
+    assert img.mode == "RGB" and label == 1 and img.getpixel((0, 0)) == (0, 0, 255)
+    tds = ImageFolderDataset(tmp_path, transform=lambda im: im.size)
+    assert tds[0] == ((12, 10), 0)
+
+
+def test_flat_folder_is_recursive_with_label_zero(tmp_path):
+    save(tmp_path / "x.png", solid((1, 2, 3)))
+    save(tmp_path / "sub" / "y.webp", solid((4, 5, 6)), lossless=True)
+    ds = ImageFolderDataset(tmp_path)
+    assert len(ds) == 2 and ds.targets == [0, 0] and len(ds.classes) == 1
+    assert ds[1][0].getpixel((0, 0)) == (4, 5, 6)
+
+
+def test_txt_list_with_and_without_labels(tmp_path):
+    a = save(tmp_path / "imgs" / "a.png", solid((10, 0, 0)))
+    b = save(tmp_path / "imgs" / "b.png", solid((20, 0, 0)))
+    c = save(tmp_path / "imgs" / "my dir" / "c d.png", solid((30, 0, 0)))
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    (lists / "labelled.txt").write_text(f"# curated\n../imgs/a.png 2\n\n{b} 0\n../imgs/my dir/c d.png 1\n")
+    ds = ImageFolderDataset(lists / "labelled.txt")
+    assert [p for p, _ in ds.samples] == [str(lists / "../imgs/a.png"), str(b), str(lists / "../imgs/my dir/c d.png")]
+    assert ds.targets == [2, 0, 1] and ds.classes == ["0", "1", "2"]
+    assert [ds[i][0].getpixel((0, 0))[0] for i in range(3)] == [10, 20, 30]
+    (lists / "plain.txt").write_text(f"{a}\n{c}\n")
+    ds = ImageFolderDataset(lists / "plain.txt")
+    assert ds.targets == [0, 0] and ds[1][0].getpixel((0, 0)) == (30, 0, 0)
+
+
+def test_any_mode_becomes_rgb(tmp_path):
+    cases = []
+    cases.append((save(tmp_path / "l.png", Image.new("L", (4, 4), 100)), {(0, 0): (100, 100, 100)}))
+    la = Image.new("LA", (4, 4), (100, 255))
+    la.putpixel((1, 1), (100, 0))  # fully transparent: composited on white
+    cases.append((save(tmp_path / "la.png", la), {(0, 0): (100, 100, 100), (1, 1): (255, 255, 255)}))
+    p = Image.new("P", (4, 4), 1)
+    p.putpalette([0, 0, 0, 200, 10, 20] + [0] * 762)
+    p.putpixel((2, 2), 0)
+    cases.append((save(tmp_path / "p.png", p, transparency=0), {(0, 0): (200, 10, 20), (2, 2): (255, 255, 255)}))
+    cases.append((save(tmp_path / "p.gif", p), {(0, 0): (200, 10, 20), (2, 2): (0, 0, 0)}))  # no transparency
+    rgba = Image.new("RGBA", (4, 4), (255, 0, 0, 255))
+    rgba.putpixel((3, 3), (255, 0, 0, 128))  # half transparent red over white: (255, 127.5, 127.5)
+    cases.append((save(tmp_path / "rgba.png", rgba), {(0, 0): (255, 0, 0), (3, 3): (255, 127, 127)}))
+    cmyk = Image.new("CMYK", (4, 4), (0, 0, 0, 0))
+    cmyk.putpixel((1, 0), (0, 255, 255, 0))
+    cases.append((save(tmp_path / "cmyk.tif", cmyk), {(0, 0): (255, 255, 255), (1, 0): (255, 0, 0)}))
+    i16 = Image.fromarray(np.array([[0, 65535], [128 * 257, 1000]], dtype=np.uint16))
+    cases.append((save(tmp_path / "i16.png", i16), {(0, 0): (0, 0, 0), (1, 0): (255,) * 3, (0, 1): (128,) * 3}))
+    with Image.open(tmp_path / "i16.png") as reopened:
+        assert reopened.mode.startswith("I")  # really a 16-bit file
+    for path, pixels in cases:
+        img = load_image(path)
+        assert img.mode == "RGB", path
+        for xy, rgb in pixels.items():
+            assert all(abs(a - b) <= 1 for a, b in zip(img.getpixel(xy), rgb)), (path, xy, img.getpixel(xy), rgb)
+    assert len(ImageFolderDataset(tmp_path)) == len(cases)
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    img = Image.new("RGB", (40, 20), (255, 0, 0))
+    img.paste((0, 0, 255), (20, 0, 40, 20))  # left half red, right half blue
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display": the left edge ends up at the top
+    save(tmp_path / "rot.jpg", img, exif=exif, quality=95)
+    out = load_image(tmp_path / "rot.jpg")
+    assert out.size == (20, 40)
+    top, bottom = np.asarray(out)[:15].mean((0, 1)), np.asarray(out)[25:].mean((0, 1))
+    assert top[0] > 200 and top[2] < 50 and bottom[2] > 200 and bottom[0] < 50
+
+
+def write_bad_files(folder):
+    good = io.BytesIO()
+    photo(64, 64).save(good, format="JPEG")
+    save(folder / "d_truncated.jpg", Image.new("RGB", (1, 1)))  # overwritten just below
+    (folder / "d_truncated.jpg").write_bytes(good.getvalue()[: len(good.getvalue()) // 2])
+    (folder / "e_zero.jpg").write_bytes(b"")
+    (folder / "f_text.jpg").write_text("this is not a JPEG")
+
+
+def test_unreadable_files_are_skipped_with_one_counting_warning(tmp_path):
+    colors = {"a.png": (255, 0, 0), "b.png": (0, 255, 0), "c.png": (0, 0, 255)}
+    for name, color in colors.items():
+        save(tmp_path / name, solid(color))
+    write_bad_files(tmp_path)
+    ds = ImageFolderDataset(tmp_path)
+    assert len(ds) == 6
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for epoch in range(2):
+            for i in range(len(ds)):
+                img, label = ds[i]
+                assert img.getpixel((0, 0)) in colors.values() and label == 0
+    ours = [w for w in caught if "unreadable" in str(w.message)]
+    assert len(ours) == 1 and str(tmp_path) in str(ours[0].message)
+    assert ds.n_skipped == 3
+    assert "3 unreadable" in ds.summary()
+
+
+def test_empty_or_unusable_folders_are_errors_naming_the_folder(tmp_path):
+    empty = tmp_path / "empty_folder"
+    empty.mkdir()
+    (empty / "readme.txt").write_text("no images here")
+    with pytest.raises(FileNotFoundError, match="empty_folder"):
+        ImageFolderDataset(empty)
+    with pytest.raises(FileNotFoundError, match="missing_folder"):
+        ImageFolderDataset(tmp_path / "missing_folder")
+    headerless = tmp_path / "headerless_folder"  # zero bytes and text: even the header cannot be read
+    headerless.mkdir()
+    (headerless / "a.jpg").write_bytes(b"")
+    (headerless / "b.png").write_text("text")
+    with pytest.raises(ValueError, match="headerless_folder"):
+        ImageFolderDataset(headerless)
+    truncated = tmp_path / "truncated_folder"  # headers read fine, pixels do not: found at first access
+    truncated.mkdir()
+    write_bad_files(truncated)
+    (truncated / "e_zero.jpg").unlink()
+    (truncated / "f_text.jpg").unlink()
+    ds = ImageFolderDataset(truncated)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ValueError, match="truncated_folder"):
+            ds[0]
+    (tmp_path / "empty_list.txt").write_text("# nothing\n")
+    with pytest.raises(FileNotFoundError, match="empty_list"):
+        ImageFolderDataset(tmp_path / "empty_list.txt")
+
+
+# ------------------------------------------------------------------------------------------------ synthetic
+
+def test_synthetic_deterministic_balanced_with_real_masks():
+    ds = SyntheticDataset(n=40, size=64, n_classes=8, seed=3)
+    img, label, fg = ds.sample(5)
+    img2, label2, fg2 = SyntheticDataset(n=40, size=64, n_classes=8, seed=3).sample(5)
+    assert np.array_equal(np.asarray(img), np.asarray(img2)) and label == label2 and np.array_equal(fg, fg2)
+    assert not np.array_equal(np.asarray(img), np.asarray(SyntheticDataset(n=40, size=64, seed=4).sample(5)[0]))
+    assert not np.array_equal(np.asarray(img), np.asarray(ds.sample(6)[0]))
+    assert img.mode == "RGB" and img.size == (64, 64) and fg.shape == (64, 64) and fg.dtype == bool
+    assert np.bincount(ds.targets).tolist() == [5] * 8 and len(ds.classes) == 8
+    assert [ds[i][1] for i in range(40)] == ds.targets
+    fractions, sat_gap = [], []
+    for i in range(40):
+        img, _, fg = ds.sample(i)
+        fractions.append(fg.mean())
+        sat = np.asarray(img.convert("HSV"))[..., 1].astype(float)
+        sat_gap.append(sat[fg].mean() - sat[~fg].mean())  # objects are saturated, backgrounds muted
+    assert 0.15 <= min(fractions) and max(fractions) <= 0.55 and 0.25 <= np.mean(fractions) <= 0.45
+    assert min(sat_gap) > 40
+    with pytest.raises(IndexError):
+        ds.sample(40)
+
+
+def test_synthetic_more_classes_than_shapes_use_colour_families():
+    n_shapes = len(data.SYNTHETIC_SHAPES)
+    ds = SyntheticDataset(n=4 * n_shapes, size=48, n_classes=2 * n_shapes)
+    assert len(set(ds.classes)) == 2 * n_shapes
+    for i in range(len(ds)):
+        img, label, fg = ds.sample(i)
+        hue = np.asarray(img.convert("HSV"))[..., 0][fg].astype(float) / 255
+        family = label // n_shapes  # hue band [0, 0.5) or [0.5, 1)
+        assert family * 0.5 - 0.03 <= np.median(hue) <= family * 0.5 + 0.53
