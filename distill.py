@@ -1,0 +1,106 @@
+"""
+Distillation: a small student learns from a large frozen teacher, as the released ViT-S/B/L were made from ViT-g.
+
+Paper §5 ("Distillation") and the model card: "the standard DINOv2 pretraining procedure, except the teacher is a
+pretrained ViT-g, frozen" (RECIPE §7). The released repository has no such code; this file is only what changes
+when the teacher is frozen. Everything else (schedules, parameter groups, Sinkhorn-Knopp or centering, KoLeo, the
+loop, checkpoints, DDP / FSDP2, logging) is train.py's, called as it is.
+
+What changes:
+  1. The teacher is a trained model (backbone + DINO head + iBOT head, train.py's teacher.pth), frozen: no EMA into
+     it, no gradients, eval mode. Its arch is read from the file.
+  2. The student keeps an EMA of itself (the paper's "spare EMA"); that EMA is the final model: student_backbone.pth.
+  3. No masking and no stochastic depth: the student sees whole global crops, and the iBOT loss compares every patch
+     token of the two global crops.
+  4. The student must have the teacher's prototypes and patch size (checked), so the heads' outputs can be compared.
+
+Public names: DistillConfig, load_frozen_teacher, whole_crops, distill.
+
+    python distill.py --teacher runs/train/teacher.pth --arch vit_tiny          # after `python train.py --arch vit_s`
+    torchrun --nproc_per_node=8 distill.py --teacher vitg_run/teacher.pth --arch vit_l --data /path/to/images
+"""
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass
+
+import torch
+
+import train
+from train import Config
+
+
+@dataclass
+class DistillConfig(Config):
+    teacher: str = "runs/train/teacher.pth"  # train.py's teacher.pth: backbone + heads + the config it was trained with
+    out: str = "runs/distill"
+
+
+# The student copies these from the teacher unless a flag sets them: the heads must produce comparable outputs, and the
+# views must be the ones the teacher learned on.
+FROM_TEACHER = ("patch_size", "n_prototypes", "separate_ibot_head", "ibot_n_prototypes", "centering",
+                "global_size", "local_size", "n_local", "synthetic_images", "synthetic_size", "data")
+MUST_MATCH = ("patch_size", "n_prototypes", "ibot_n_prototypes", "separate_ibot_head")
+
+
+def read_teacher(path):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"teacher checkpoint {path!r} not found: train one with `python train.py` (it writes "
+                                f"runs/train/teacher.pth), or see the README for a released backbone")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    if not (isinstance(ckpt, dict) and "model" in ckpt and "config" in ckpt):
+        raise ValueError(f"{path} is not a train.py teacher.pth (expected keys 'model' and 'config'; a backbone-only "
+                         f"file such as the released weights needs heads first: train.py --init-from, see the README)")
+    known = {f.name for f in dataclasses.fields(Config)}
+    return ckpt["model"], Config(**{k: v for k, v in ckpt["config"].items() if k in known})
+
+
+def parse_distill_config(argv=None):
+    """train.py's flags plus --teacher; the student's heads, patch and crops default to the teacher's."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--teacher", default=DistillConfig.teacher)
+    known, _ = pre.parse_known_args(argv)
+    _, tcfg = read_teacher(known.teacher) if os.path.isfile(known.teacher) else (None, None)
+    inherited = {k: getattr(tcfg, k) for k in FROM_TEACHER} if tcfg else {}
+    # 3. no masking, no stochastic depth
+    presets = {arch: {**preset, **inherited, "drop_path": 0.0, "mask_probability": 0.0}
+               for arch, preset in train.PRESETS.items()}
+    return train.parse_config(DistillConfig, presets, argv, __doc__)
+
+
+def load_frozen_teacher(cfg, strategy, device):
+    """1. The teacher: built from its own config, loaded strictly, frozen."""
+    state, tcfg = read_teacher(cfg.teacher)
+    mismatch = {k: (getattr(tcfg, k), getattr(cfg, k)) for k in MUST_MATCH if getattr(tcfg, k) != getattr(cfg, k)}
+    if mismatch:  # 4.
+        raise ValueError(f"student and teacher must share prototypes and patch size; differing (teacher, student): "
+                         f"{mismatch}")
+    teacher = train.build_ssl_model(tcfg, drop_path=0.0)
+    teacher.load_state_dict(state, strict=True)
+    teacher.requires_grad_(False)
+    teacher = train.parallelize(teacher.to(device), cfg, strategy, device, trainable=False)
+    return teacher.eval(), tcfg
+
+
+def whole_crops(batch, patch_size):
+    """3. No mask on the student's input; every patch token of the global crops is an iBOT target, each crop's tokens
+    weighted 1/N so that the iBOT loss is the mean over crops of the per-crop mean."""
+    g = batch["global_crops"]  # (2B, 3, H, W)
+    n = (g.shape[-2] // patch_size) * (g.shape[-1] // patch_size)
+    m = g.shape[0] * n
+    return dict(batch, masks=None, mask_indices=torch.arange(m, device=g.device),
+                mask_weights=torch.full((m,), 1.0 / n, device=g.device))
+
+
+def distill(cfg):
+    rank, world, device, strategy, _ = train.setup(cfg)
+    teacher, tcfg = load_frozen_teacher(cfg, strategy, device)
+    train.print0(f"frozen teacher: {tcfg.arch} ({cfg.teacher}) -> student {cfg.arch}")
+    # 2. build_models returns the student and an identical copy: here that copy is the student's EMA
+    student_p, student, student_ema = train.build_models(cfg, strategy, device)
+    train.fit(cfg, rank, world, device, strategy, student_p, student, teacher=teacher, ema=student_ema,
+              export="student", prepare_batch=lambda b: whole_crops(b, cfg.patch_size))
+
+
+if __name__ == "__main__":
+    distill(parse_distill_config())

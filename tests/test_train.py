@@ -1,0 +1,266 @@
+"""train.py: schedules and parameter groups against RECIPE §5's numbers, the EMA, a real run (finite terms, teacher
+untouched by the optimizer), exact resume, DDP and FSDP2 under torchrun (gloo) against one process, fault handling."""
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import train
+from train import Config, make_schedules, param_groups
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A tiny but complete run: every loss term, masking, local crops, untied heads, checkpoints every 2 steps.
+TINY = ["--global-size", "56", "--local-size", "28", "--n-local", "2", "--batch-size", "4",
+        "--n-prototypes", "64", "--ibot-n-prototypes", "64", "--head-hidden-dim", "64", "--head-bottleneck-dim", "32",
+        "--ibot-bottleneck-dim", "32", "--synthetic-images", "64", "--synthetic-size", "64", "--epochs", "1",
+        "--epoch-length", "4", "--warmup-epochs", "0.5", "--freeze-last-layer-epochs", "0.25", "--num-workers", "0",
+        "--log-every", "1", "--save-every", "2"]
+
+
+def load_checkpoint(path):
+    """A torch.distributed.checkpoint folder as one flat dict of tensors (independent of train.py's loading code)."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    out = Path(str(path) + ".pt")
+    if not out.exists():
+        dcp_to_torch_save(str(path), str(out))
+    flat = {}
+
+    def walk(prefix, obj):
+        if isinstance(obj, dict):
+            for k, v in obj.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        elif torch.is_tensor(obj):
+            flat[prefix] = obj
+    walk("", torch.load(out, weights_only=False))
+    return flat
+
+
+def run_script(args, nproc=1, timeout=240, script="train.py"):
+    """Run a script as a user would, in a subprocess with a timeout, so that a hung collective fails the test."""
+    cmd = [sys.executable, script] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.run(cmd + args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    return proc
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Schedules and parameter groups: the numbers of RECIPE §5 (default config, global batch 1024 -> peak lr 0.004)
+
+def test_schedules_match_released_values():
+    cfg = Config(arch="vit_small", batch_size=64)
+    s = make_schedules(cfg, world_size=16)
+    assert len(s["lr"]) == 125_000
+    assert s["lr"][0] == 0
+    assert s["lr"][1249] == pytest.approx(3.997e-4, rel=1e-3)
+    assert s["lr"][12499] == pytest.approx(0.004, rel=1e-9)  # the warm-up includes the peak
+    assert s["lr"][37500] == pytest.approx(3.532e-3, rel=1e-3)
+    assert s["lr"][-1] == pytest.approx(1e-6, rel=1e-3)
+    assert np.all(s["last_layer_lr"][:1250] == 0) and s["last_layer_lr"][1250] == s["lr"][1250]
+    assert s["wd"][12500] == pytest.approx(0.04881, rel=1e-3)
+    assert s["wd"][-1] == pytest.approx(0.4, rel=1e-6)
+    assert s["momentum"][37500] == pytest.approx(0.99365, rel=1e-5)
+    assert s["teacher_temp"][12500] == pytest.approx(0.0500003, rel=1e-6)
+    assert s["teacher_temp"][37500] == 0.07 and s["teacher_temp"][-1] == 0.07
+    # sqrt scaling with respect to 1024: 32 GPUs x 64 = 2048 -> 0.004 * sqrt(2)
+    assert make_schedules(cfg, world_size=32)["lr"].max() == pytest.approx(0.004 * math.sqrt(2))
+
+
+def test_param_groups_layer_decay_and_weight_decay():
+    cfg = Config(arch="vit_small", n_prototypes=32, ibot_n_prototypes=32, head_hidden_dim=16, head_bottleneck_dim=8,
+                 separate_ibot_head=True, global_size=56)
+    model = train.build_ssl_model(cfg, 0.0)
+    groups = param_groups(model, cfg)
+    by_param = {id(p): g for g in groups for p in g["params"]}
+    named = {f"{part}.{n}": p for part, m in model.parts().items() for n, p in m.named_parameters()}
+    assert len(by_param) == len(named) == sum(1 for _ in model.parameters())  # every parameter exactly once
+    lr = lambda n: by_param[id(named[n])]["lr_mult"]
+    wd = lambda n: by_param[id(named[n])]["wd_mult"]
+    assert lr("backbone.cls_token") == pytest.approx(0.9 ** 13) == pytest.approx(0.2542, abs=1e-4)
+    assert lr("backbone.patch_embed.proj.weight") == pytest.approx(0.2542 * 0.2, abs=1e-4)
+    assert lr("backbone.blocks.0.attn.qkv.weight") == pytest.approx(0.2824, abs=1e-4)
+    assert lr("backbone.blocks.11.mlp.fc2.weight") == pytest.approx(0.9)
+    assert lr("backbone.norm.weight") == 1.0 and lr("dino_head.mlp.0.weight") == 1.0
+    for n in ("backbone.blocks.3.attn.qkv.bias", "backbone.blocks.3.norm1.weight", "backbone.norm.bias",
+              "backbone.blocks.3.ls1.gamma", "dino_head.mlp.0.bias"):
+        assert wd(n) == 0.0, n
+    last = [n for n in named if "last_layer" in n]
+    assert len(last) == 4  # g and v of both heads
+    for n in ["backbone.pos_embed", "backbone.cls_token", "backbone.mask_token", "backbone.patch_embed.proj.weight",
+              "backbone.blocks.0.attn.qkv.weight"] + last:
+        assert wd(n) == 1.0, n
+    assert all(by_param[id(named[n])]["is_last_layer"] for n in last)
+    assert sum(by_param[id(p)]["is_last_layer"] for p in model.parameters()) == 4
+
+
+def test_ema_update_formula():
+    torch.manual_seed(0)
+    t, s = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    t0 = [p.clone() for p in t.parameters()]
+    train.ema_update(t, s, 0.9)
+    for p, p0, q in zip(t.parameters(), t0, s.parameters()):
+        torch.testing.assert_close(p, 0.9 * p0 + 0.1 * q, rtol=0, atol=1e-7)
+
+
+def test_one_step_leaves_teacher_to_the_ema():
+    cfg = train.parse_config(argv=TINY)
+    student_p, student, teacher = train.build_models(cfg, "none", torch.device("cpu"))
+    opt = torch.optim.AdamW(param_groups(student, cfg))
+    in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert not any(id(p) in in_opt for p in teacher.parameters())  # the optimizer never sees the teacher
+    assert all(not p.requires_grad for p in teacher.parameters()) and not teacher.training
+    loader, _ = train.build_data(cfg, 0, 1, 0, torch.device("cpu"))
+    batch = next(iter(loader))
+    assert batch["masks"].any() and batch["local_crops"].shape[0] == 2 * 4
+    t_before = [p.clone() for p in teacher.parameters()]
+    losses, _ = train.ssl_losses(student_p, teacher, train.make_centers(cfg, torch.device("cpu")), batch, 0.04, cfg)
+    assert set(losses) == {"dino_global", "dino_local", "ibot", "koleo"}
+    assert all(torch.isfinite(v) for v in losses.values()) and losses["ibot"] > 0
+    sum(losses.values()).backward()
+    assert all(p.grad is None for p in teacher.parameters())
+    assert all(p.grad is not None for n, p in student.named_parameters() if "register" not in n)
+    opt.step()
+    train.ema_update(teacher, student, 0.99)
+    for p, p0, q in zip(teacher.parameters(), t_before, student.parameters()):
+        torch.testing.assert_close(p, 0.99 * p0 + 0.01 * q, rtol=0, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The real script: finite metrics, exports, exact resume, fault handling
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("straight")
+    proc = run_script(TINY + ["--out", str(out)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def test_run_writes_finite_metrics_and_exports(straight_run):
+    import json
+    rows = [json.loads(r) for r in (straight_run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    for r in rows:
+        for k in ("loss", "dino_global", "dino_local", "ibot", "koleo", "lr", "wd", "momentum", "teacher_temp",
+                  "grad_norm_backbone", "grad_norm_dino_head", "grad_norm_ibot_head", "teacher_entropy",
+                  "images_per_s"):
+            assert math.isfinite(r[k]), (k, r)
+    assert rows[-1]["teacher_temp"] == pytest.approx(0.07)
+    import vit
+    model = vit.from_pretrained(straight_run / "teacher_backbone.pth")  # the hub layout loads strictly
+    assert model.embed_dim == 192
+    full = torch.load(straight_run / "teacher.pth", weights_only=False)
+    assert {"model", "config"} <= set(full) and any(k.startswith("ibot_head.") for k in full["model"])
+    assert sorted(p.name for p in straight_run.glob("ckpt_*") if p.is_dir()) == ["ckpt_00000002", "ckpt_00000004"]
+
+
+def test_resume_is_bit_identical(straight_run, tmp_path):
+    # 4 straight steps vs. the same run stopped after its step-2 checkpoint and resumed in a new process
+    out = tmp_path / "resumed"
+    shutil.copytree(straight_run / "ckpt_00000002", out / "ckpt_00000002")
+    proc = run_script(TINY + ["--out", str(out)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from" in proc.stdout
+    a, b = load_checkpoint(straight_run / "ckpt_00000004"), load_checkpoint(out / "ckpt_00000004")
+    assert a.keys() == b.keys() and any(k.startswith("optimizer.") for k in a)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_checkpoint_of_another_model_is_a_clear_error(straight_run, tmp_path):
+    out = tmp_path / "other"
+    shutil.copytree(straight_run / "ckpt_00000004", out / "ckpt_00000004")
+    args = TINY.copy()
+    args[args.index("--n-prototypes") + 1] = "128"
+    with pytest.raises(ValueError, match="n_prototypes"):
+        train.train(train.parse_config(argv=args + ["--out", str(out)]))
+
+
+def test_non_finite_loss_names_step_and_term(tmp_path):
+    import vit
+    bad = vit.build_model("vit_tiny", img_size=56).state_dict()
+    bad["cls_token"] = torch.full_like(bad["cls_token"], float("nan"))
+    torch.save(bad, tmp_path / "nan.pth")
+    cfg = train.parse_config(argv=TINY + ["--out", str(tmp_path / "run"), "--init-from", str(tmp_path / "nan.pth")])
+    with pytest.raises(FloatingPointError, match=r"term '\w+' at step 0"):
+        train.train(cfg)
+    assert not list((tmp_path / "run").glob("ckpt_*"))  # nothing written after a bad step
+
+
+def test_unknown_flag_and_arch_are_errors():
+    with pytest.raises(SystemExit):
+        train.parse_config(argv=["--no-such-flag", "1"])
+    with pytest.raises(ValueError, match="vit_huge"):
+        train.parse_config(argv=["--arch", "vit_huge"])
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# torchrun: DDP and FSDP2 on 2 CPU processes (gloo) against one process with the same global batch
+
+DIST = TINY + ["--koleo-weight", "0", "--drop-path", "0"]  # KoLeo is per rank by design; drop path draws per rank
+
+
+@pytest.fixture(scope="module")
+def single_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("single")
+    proc = run_script(DIST + ["--out", str(out)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return load_checkpoint(out / "ckpt_00000004")
+
+
+def _compare(a, b, prefixes=("student.", "ema.")):
+    keys = [k for k in a if k.startswith(prefixes)]
+    assert keys and set(keys) <= set(b)
+    worst = max((a[k].float() - b[k].float()).abs().max().item() for k in keys)
+    assert worst <= 1e-4, worst
+
+
+def _two_process_run(out, strategy):
+    args = DIST.copy()
+    args[args.index("--batch-size") + 1] = "2"  # 2 ranks x 2 = the single run's global batch of 4
+    proc = run_script(args + ["--out", str(out), "--strategy", strategy], nproc=2)
+    # check the outputs, not only the exit code (a gloo run can abort at exit after writing everything)
+    assert (out / "ckpt_00000004" / "extra.pt").exists(), proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp")
+    assert "strategy ddp" in _two_process_run(out, "ddp").stdout
+    return out
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp")
+    assert "strategy fsdp" in _two_process_run(out, "fsdp").stdout
+    return out
+
+
+def test_ddp_matches_one_process(single_run, ddp_run):
+    _compare(single_run, load_checkpoint(ddp_run / "ckpt_00000004"))
+
+
+def test_fsdp_matches_one_process_and_ddp(single_run, ddp_run, fsdp_run):
+    fsdp = load_checkpoint(fsdp_run / "ckpt_00000004")
+    _compare(single_run, fsdp)
+    _compare(load_checkpoint(ddp_run / "ckpt_00000004"), fsdp)
+
+
+def test_fsdp_resume(fsdp_run, tmp_path):
+    out = tmp_path / "fsdp_resumed"
+    shutil.copytree(fsdp_run / "ckpt_00000002", out / "ckpt_00000002")
+    proc = _two_process_run(out, "fsdp")
+    assert "resumed from" in proc.stdout
+    a, b = load_checkpoint(fsdp_run / "ckpt_00000004"), load_checkpoint(out / "ckpt_00000004")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6, msg=k)
