@@ -33,6 +33,7 @@ import shutil
 import signal
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -362,6 +363,8 @@ def build_models(cfg, strategy, device):
         student = build_ssl_model(cfg, cfg.drop_path)  # initialised by its constructors unless on meta
     if not meta and cfg.init_from:
         vit.load_pretrained(student.backbone, cfg.init_from)  # strict, pos-embed resampled
+    if cfg.mask_probability == 0:  # no crop is ever masked (distillation): the mask token would get no gradient,
+        student.backbone.mask_token.requires_grad_(False)  # which DDP treats as an error
     teacher = copy.deepcopy(student)  # the same numbers; it stays in eval mode, so it never drops paths
     if not meta:
         student.to(device), teacher.to(device)
@@ -575,7 +578,9 @@ class Checkpointer:
         if self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         barrier()
-        dcp.save(self._state(student, ema, optimizer), checkpoint_id=str(tmp), no_dist=not is_dist())
+        with warnings.catch_warnings():  # one process: DCP warns that it is not distributed, which is intended
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.save(self._state(student, ema, optimizer), checkpoint_id=str(tmp), no_dist=not is_dist())
         if self.rank == 0:  # small replicated state: step, centres, config
             torch.save({"step": step, "centers": {k: c.state_dict() for k, c in centers.items()},
                         "config": dataclasses.asdict(cfg)}, tmp / "extra.pt")
@@ -602,7 +607,9 @@ class Checkpointer:
             raise ValueError(f"checkpoint {path} was trained with a different model: {diff} (saved, now); "
                              f"use the saved flags or another --out")
         state = self._state(student, ema, optimizer)
-        dcp.load(state, checkpoint_id=str(path), no_dist=not is_dist())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(state, checkpoint_id=str(path), no_dist=not is_dist())
         set_state_dict(student, optimizer, model_state_dict=state["student"], optim_state_dict=state["optimizer"])
         set_model_state_dict(ema, state["ema"])
         for k, c in centers.items():
