@@ -1,0 +1,298 @@
+"""Pictures of a DINOv2 backbone: PCA maps of patch features, cls attention, training schedules and curves.
+
+Paper §7 qualitative results and Figure 1 (../shared/reference/RECIPE.md §7, "PCA feature maps"; not in the released
+code): PCA of the patch features of a batch of images; the first component, thresholded, separates foreground from
+background; a second PCA with 3 components fitted on the foreground patches of ALL images jointly (one basis, so the
+same part gets the same colour in every image) is shown as RGB. Optionally the last block's cls->patch attention of
+each head (registers excluded), and the schedules (§5 of RECIPE) or loss curves of a training run.
+
+Public names, in reading order:
+    resize_to_patches, collect_images        -- any image, any aspect ratio, to a whole number of patches
+    pca_maps, cls_attention, plot_features   -- the PCA / attention figure
+    plot_schedules, read_metrics, plot_curves
+    VizConfig, main
+
+Commands:
+    python visualize.py                                    # 4 synthetic images through runs/train/teacher_backbone.pth
+    python visualize.py photos/ --weights dinov2_vits14_reg4_pretrain.pth --size 448 --attention --out viz.png
+    python visualize.py --schedules --arch vit_small --out schedules.png   # lr, wd, momentum, teacher temperature
+    python visualize.py --curves runs/train --out curves.png
+
+Shape alphabet: N patches, D width, H heads, h x w patch grid.
+"""
+import argparse
+import json
+import math
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+import data  # noqa: E402
+from evaluate import (border_mask, first_principal_component, load_backbone, pick_device,  # noqa: E402
+                      round_to_patch, to_tensor)
+
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+LOSS_TERMS = ("dino_global", "dino_local", "ibot", "koleo")  # metric names of train.py's loss terms
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Images in
+
+
+def resize_to_patches(img: Image.Image, size: int, patch: int) -> Image.Image:
+    """Shorter side to `size`, aspect ratio kept, both sides rounded to whole patches (at least one patch:
+    an image smaller than a patch is resized up)."""
+    w, h = img.size
+    scale = size / min(w, h)
+    return img.resize((round_to_patch(w * scale, patch), round_to_patch(h * scale, patch)), Image.BICUBIC)
+
+
+def collect_images(inputs) -> list:
+    """Paths and folders (searched recursively for image files) -> [(name, PIL RGB)]; unreadable ones skipped."""
+    paths = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            paths += sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_EXTS)
+        elif item.exists():
+            paths.append(item)  # an explicit file is tried whatever its extension
+        else:
+            warnings.warn(f"skipping {item}: no such file or folder")
+    images = []
+    for p in paths:
+        try:
+            images.append((p.name, data.load_image(p)))
+        except (OSError, ValueError, SyntaxError) as e:  # PIL raises all three on corrupt files
+            warnings.warn(f"skipping unreadable image {p}: {e}")
+    return images
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The figure
+
+
+def pca_maps(feats: list, grids: list) -> tuple:
+    """Joint PCA maps of several images. feats: [(N_i, D)], grids: [(h_i, w_i)] with h_i * w_i = N_i.
+
+    Returns ([rgb (h_i, w_i, 3) in [0, 1], background black], [foreground (h_i, w_i) bool]).
+    """
+    x = torch.cat([f.float() for f in feats])  # (sum N_i, D)
+    score = first_principal_component(x)  # (sum N_i,)
+    # The sign of a principal component is arbitrary: orient it so the outer ring of patches, mostly background
+    # in photographs and in the synthetic set, falls below the threshold.
+    border = torch.cat([border_mask(h, w) for h, w in grids])
+    if score[border].mean() > 0:
+        score = -score
+    fg = score > 0
+    if fg.sum() < 3:  # nothing separable (e.g. a constant image): colour every patch rather than none
+        fg = torch.ones_like(fg)
+    centred = x[fg] - x[fg].mean(dim=0, keepdim=True)  # (M, D) foreground patches of all images
+    _, _, vh = torch.linalg.svd(centred, full_matrices=False)
+    comps = centred @ vh[:3].T  # (M, <=3): one shared basis for the batch
+    comps = torch.cat([comps, comps.new_zeros(len(comps), 3 - comps.shape[1])], dim=1)  # (M, 3)
+    lo, hi = comps.min(dim=0).values, comps.max(dim=0).values
+    rgb = torch.zeros(len(x), 3)
+    rgb[fg] = (comps - lo) / (hi - lo).clamp_min(1e-8)  # min-max over all images, per channel
+    sizes = [h * w for h, w in grids]
+    return ([m.reshape(h, w, 3).numpy() for m, (h, w) in zip(rgb.split(sizes), grids)],
+            [m.reshape(h, w).numpy() for m, (h, w) in zip(fg.split(sizes), grids)])
+
+
+@torch.inference_mode()
+def cls_attention(model, x: torch.Tensor) -> torch.Tensor:
+    """Last block's attention of the cls token to each patch, per head: x (1, 3, H, W) -> (H, h, w).
+
+    Register tokens (released *_reg models) are excluded: they sit between cls and the patches.
+    """
+    attn = model.get_last_self_attention(x).float()  # (1, H, 1+R+N, 1+R+N)
+    h, w = x.shape[-2] // model.patch_size, x.shape[-1] // model.patch_size
+    return attn[0, :, 0, 1 + model.num_register_tokens:].reshape(-1, h, w).cpu()  # (H, h, w)
+
+
+def plot_features(model, images: list, size: int, out: str, attention: bool = False, device=None) -> Path:
+    """One row per image: the image, its PCA map, [cls attention of each head]. Writes a PNG and returns its path."""
+    device = torch.device(device or next(model.parameters()).device)
+    resized, feats, grids, attns = [], [], [], []
+    for _, img in images:
+        img = resize_to_patches(img, size, model.patch_size)
+        x = to_tensor(img)[None].to(device)  # (1, 3, H, W); each image alone: the sizes may all differ
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            feats.append(model.forward_features(x)["x_norm_patchtokens"][0].float().cpu())  # (N, D)
+            if attention:
+                attns.append(cls_attention(model, x))
+        resized.append(img)
+        grids.append((x.shape[-2] // model.patch_size, x.shape[-1] // model.patch_size))
+    maps, _ = pca_maps(feats, grids)
+
+    n_cols = 2 + (model.num_heads if attention else 0)
+    fig, axes = plt.subplots(len(images), n_cols, figsize=(2.6 * n_cols, 2.6 * len(images)), squeeze=False)
+    for row, ((name, _), img, rgb) in enumerate(zip(images, resized, maps)):
+        axes[row, 0].imshow(img)
+        axes[row, 0].set_title(f"{name[:24]} {img.size[0]}x{img.size[1]}", fontsize=8)
+        axes[row, 1].imshow(rgb, interpolation="nearest")
+        axes[row, 1].set_title("PCA (fg, 3 comps)", fontsize=8)
+        for head in range(n_cols - 2):
+            axes[row, 2 + head].imshow(attns[row][head].numpy(), cmap="inferno", interpolation="nearest")
+            axes[row, 2 + head].set_title(f"cls attn head {head}", fontsize=8)
+    for ax in axes.flat:
+        ax.axis("off")
+    fig.tight_layout()
+    return _save(fig, out)
+
+
+def _save(fig, out) -> Path:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Schedules and training curves
+
+
+def plot_schedules(out: str, arch: str = "vit_tiny") -> Path:
+    """lr, wd, teacher momentum, teacher temperature (and whatever else train.make_schedules returns) per
+    iteration of train.py's config for `arch` (its preset: vit_tiny = the laptop run, vit_small = the paper's)."""
+    try:  # imported here: train.py is the lead's, and the rest of this script does not need it
+        import train
+        make_schedules = train.make_schedules
+        config = train.parse_config(argv=["--arch", arch]) if hasattr(train, "parse_config") else train.Config()
+    except (ImportError, AttributeError) as e:
+        raise SystemExit(f"--schedules needs train.py with Config and make_schedules(cfg): {e}")
+    print(f"schedules of train.py's {getattr(config, 'arch', '')} config")
+    schedules = {k: np.asarray(v, dtype=float) for k, v in make_schedules(config).items()}
+    schedules = {k: v for k, v in schedules.items() if v.ndim == 1 and len(v)}
+    fig, axes = plt.subplots(1, len(schedules), figsize=(3.2 * len(schedules), 2.8), squeeze=False)
+    for ax, (name, values) in zip(axes[0], schedules.items()):
+        ax.plot(values)
+        ax.set_title(f"{name}  [{values[0]:.3g} .. {values.max():.3g} .. {values[-1]:.3g}]", fontsize=8)
+        ax.set_xlabel("iteration")
+    fig.tight_layout()
+    return _save(fig, out)
+
+
+def read_metrics(path) -> list:
+    """metrics.jsonl -> [dict]; lines that are not a JSON object are skipped with one warning."""
+    rows, bad = [], 0
+    for line in Path(path).read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        if isinstance(row, dict):
+            rows.append(row)
+        else:
+            bad += 1
+    if bad:
+        warnings.warn(f"{path}: skipped {bad} line(s) that are not JSON objects")
+    return rows
+
+
+def _is_curve(key: str) -> bool:
+    return key == "lr" or key.startswith("loss") or key.endswith("loss") or key.startswith(LOSS_TERMS)
+
+
+def plot_curves(run_dir: str, out: str) -> Path:
+    """Every loss term and the lr of RUN_DIR/metrics.jsonl against the step, one panel each."""
+    path = Path(run_dir)
+    path = path / "metrics.jsonl" if path.is_dir() else path
+    if not path.is_file():
+        raise SystemExit(f"--curves: no metrics file at {path} (run `python train.py` first)")
+    rows = read_metrics(path)
+    keys = list(dict.fromkeys(k for r in rows for k, v in r.items()  # first-seen order, loss terms first, lr last
+                              if _is_curve(k) and isinstance(v, (int, float)) and not isinstance(v, bool)))
+    keys = sorted(keys, key=lambda k: k == "lr")
+    if not keys:
+        raise SystemExit(f"--curves: no loss terms or lr in {path}")
+    n_cols = min(3, len(keys))
+    n_rows = math.ceil(len(keys) / n_cols)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(3.6 * n_cols, 2.6 * n_rows), squeeze=False)
+    for ax, key in zip(axes.flat, keys):
+        # A key may be missing from some rows (e.g. a loss term switched off): plot only where it is present.
+        pts = [(r.get("step", i), r[key]) for i, r in enumerate(rows)
+               if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+        ax.plot(*zip(*pts))
+        ax.set_title(key, fontsize=9)
+        ax.set_xlabel("step")
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    fig.tight_layout()
+    return _save(fig, out)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+@dataclass
+class VizConfig:
+    images: list = field(default_factory=list)  # image files or folders; none -> a few synthetic images
+    weights: str | None = None  # backbone file; None -> runs/train/teacher_backbone.pth
+    arch: str = "vit_tiny"  # architecture of --random, and whose train.py preset --schedules plots
+    random: bool = False  # a randomly initialised `arch` instead of weights (what structure is there for free)
+    size: int | None = None  # shorter side in pixels, rounded to the patch; None -> 112 synthetic, 224 images
+    attention: bool = False  # add the last block's cls attention of each head
+    n_synthetic: int = 4  # synthetic images when none are given
+    out: str = "viz.png"  # the PNG to write
+    schedules: bool = False  # plot train.py's schedules instead
+    curves: str | None = None  # plot the curves of this run folder (or metrics.jsonl) instead
+
+
+def parse_config(argv=None) -> VizConfig:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("images", nargs="*", help="image files or folders (default: synthetic images)")
+    p.add_argument("--weights", default=None, help="backbone file (default: runs/train/teacher_backbone.pth)")
+    p.add_argument("--arch", default="vit_tiny", help="architecture of --random and of --schedules")
+    p.add_argument("--random", action="store_true", help="a randomly initialised network instead of weights")
+    p.add_argument("--size", type=int, default=None, help="shorter side in pixels (default: 112 synthetic, 224)")
+    p.add_argument("--attention", action="store_true", help="add the cls attention map of each head")
+    p.add_argument("--n-synthetic", type=int, default=4, help="synthetic images when none are given")
+    p.add_argument("--out", default="viz.png", help="output PNG")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--schedules", action="store_true", help="plot the schedules of train.py's Config")
+    mode.add_argument("--curves", metavar="RUN_DIR", default=None, help="plot the loss terms of RUN_DIR/metrics.jsonl")
+    return VizConfig(**vars(p.parse_args(argv)))  # unknown flags are an error
+
+
+def main(argv=None) -> Path:
+    cfg = parse_config(argv)
+    print(f"config: {asdict(cfg)}")
+    if cfg.schedules:
+        out = plot_schedules(cfg.out, cfg.arch)
+    elif cfg.curves:
+        out = plot_curves(cfg.curves, cfg.out)
+    else:
+        synthetic = not cfg.images
+        if synthetic:
+            ds = data.SyntheticDataset(n=cfg.n_synthetic, size=128, seed=1)
+            images = [(f"synthetic {i}", ds.sample(i)[0]) for i in range(cfg.n_synthetic)]
+        else:
+            images = collect_images(cfg.images)
+            if not images:
+                raise SystemExit("no readable image among the inputs")
+        size = cfg.size or (112 if synthetic else 224)
+        device = pick_device()
+        try:
+            model = load_backbone(cfg.weights, cfg.arch, device, random_init=cfg.random, img_size=size)
+        except (FileNotFoundError, ValueError) as e:
+            raise SystemExit(f"error: {e}")
+        print(f"derived: device={device} size={round_to_patch(size, model.patch_size)} images={len(images)} "
+              f"registers={model.num_register_tokens}")
+        out = plot_features(model, images, size, cfg.out, cfg.attention, device)
+    print(f"wrote {out}")
+    return out
+
+
+if __name__ == "__main__":
+    main()
