@@ -4,7 +4,8 @@ bench.py: how fast is a DINOv2 training step here, how much memory does it take,
 Times, after warm-up and with the device synchronised around the timed region:
     step      train.py's own train_step: teacher forward, student forward + backward over every crop, the four
               loss terms, per-part clipping, AdamW, EMA (one batch, reused, so the data loader is not timed)
-    forward   the backbone's forward alone (inference mode), at --forward-size
+    forward   the backbone alone at --forward-size: inference (batch --forward-batch), and forward + backward (half
+              that batch)
     data      the multi-crop pipeline (2 global + n_local crops) on a 500x375 image, images/s for one worker
 and prints images/s, step time, peak memory and MFU against a peak-FLOPS table (train.PEAK_BF16_TFLOPS); FLOPs come
 from the model's own formula (vit.VisionTransformer.flops_per_image). If data images/s x workers is below step
@@ -102,8 +103,18 @@ def bench_forward(cfg, device, strategy):
     seconds = timed(forward, cfg.warmup, cfg.steps, device)
     flops = backbone.flops_per_image(cfg.forward_size, cfg.forward_size) * cfg.forward_batch
     peak = train.peak_flops(device)
+    # forward + backward of the backbone alone, at half the batch (the usual "training throughput" of a ViT)
+    backbone.train()
+    x_train = x[:max(1, cfg.forward_batch // 2)]
+
+    def forward_backward():
+        with autocast:
+            out = backbone.forward_features(x_train)["x_norm_clstoken"]
+        out.float().square().mean().backward()
+    seconds_train = timed(forward_backward, cfg.warmup, cfg.steps, device)
     return {"forward_images_per_s": cfg.forward_batch / seconds,
-            "forward_mfu": flops / seconds / peak if peak else None}
+            "forward_mfu": flops / seconds / peak if peak else None,
+            "forward_backward_images_per_s": x_train.shape[0] / seconds_train}
 
 
 def bench_data(cfg):

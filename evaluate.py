@@ -98,6 +98,20 @@ def load_backbone(weights=None, arch: str = "vit_tiny", device=None, random_init
     return _freeze(model, device)
 
 
+def training_layerscale(weights) -> float:
+    """The LayerScale init of the run that wrote `weights`, read from the teacher.pth that train.py / distill.py write
+    beside it (so the random baseline starts exactly where that training started); 1e-5, every DINOv2 config's, if
+    there is none."""
+    if weights is not None:
+        for name in ("teacher.pth", "student.pth"):
+            run_file = Path(weights).parent / name
+            if run_file.is_file():
+                config = torch.load(run_file, map_location="cpu", weights_only=False, mmap=True).get("config", {})
+                if "layerscale" in config:
+                    return float(config["layerscale"])
+    return 1e-5
+
+
 def random_like(model: nn.Module, seed: int = 0, layerscale: float = 1e-5) -> nn.Module:
     """A randomly initialised copy of `model` (same arch, patch size, registers, FFN): the baseline network.
 
@@ -576,7 +590,7 @@ def main(argv=None) -> dict | None:
     if baseline:
         # Same arch, random weights: what the numbers are without any training (k-NN and segmentation only: they
         # already say how much of the structure comes from the architecture and the pixels alone).
-        random_net = random_like(model, cfg.seed).to(device)
+        random_net = random_like(model, cfg.seed, training_layerscale(weights)).to(device)
         res = evaluate_model(random_net, train_set, val_set, n_classes, cfg, size, device, seg_set, linear=False,
                              name="random")
         if res is not None:

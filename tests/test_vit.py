@@ -511,3 +511,21 @@ def test_command_line_prints_params_and_flops(monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["vit.py", "--no-such-flag", "1"])
     with pytest.raises(SystemExit):  # unknown flags are rejected
         vit.main()
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    import vit
+    torch.manual_seed(0)
+    model = vit.build_model("vit_tiny", img_size=56, drop_path_rate=0.3)  # batch-subset drop path: RNG replayed
+    model.train()
+    x = torch.randn(4, 3, 56, 56)
+    grads = []
+    for enable in (False, True):
+        model.set_grad_checkpointing(enable)
+        model.zero_grad()
+        torch.manual_seed(1)
+        model.forward_features(x)["x_norm_patchtokens"].square().mean().backward()
+        grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+    assert len(grads[0]) == len(grads[1]) == sum(1 for _ in model.parameters()) - 1  # all but the mask token
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
