@@ -84,15 +84,20 @@ def pca_maps(feats: list, grids: list) -> tuple:
     Returns ([rgb (h_i, w_i, 3) in [0, 1], background black], [foreground (h_i, w_i) bool]).
     """
     x = torch.cat([f.float() for f in feats])  # (sum N_i, D)
-    score = first_principal_component(x)  # (sum N_i,)
-    # The sign of a principal component is arbitrary: orient it so the outer ring of patches, mostly background
-    # in photographs and in the synthetic set, falls below the threshold.
-    border = torch.cat([border_mask(h, w) for h, w in grids])
-    if score[border].mean() > 0:
-        score = -score
-    fg = score > 0
-    if fg.sum() < 3:  # nothing separable (e.g. a constant image): colour every patch rather than none
-        fg = torch.ones_like(fg)
+    # Foreground: each image's own first principal component, thresholded at 0, as evaluate.segmentation_iou scores
+    # it. NOTE(deviation): the paper's Figure 1 takes the first component of one PCA over a batch of images of one
+    # category; over unrelated images that component separates the images (by colour, say) rather than object
+    # from background, so the threshold is per image. The colours below still use one basis for all images.
+    fgs = []
+    for f, (h, w) in zip(feats, grids):
+        score = first_principal_component(f)  # (N_i,)
+        # the sign of a component is arbitrary: orient it so the outer ring of patches, mostly background in
+        # photographs and in the synthetic set, falls below the threshold
+        if score[border_mask(h, w)].mean() > 0:
+            score = -score
+        fg_i = score > 0
+        fgs.append(fg_i if fg_i.sum() >= 1 else torch.ones_like(fg_i))  # nothing separable: colour every patch
+    fg = torch.cat(fgs)  # (sum N_i,)
     centred = x[fg] - x[fg].mean(dim=0, keepdim=True)  # (M, D) foreground patches of all images
     _, _, vh = torch.linalg.svd(centred, full_matrices=False)
     comps = centred @ vh[:3].T  # (M, <=3): one shared basis for the batch
