@@ -21,7 +21,7 @@ TINY = ["--global-size", "56", "--local-size", "28", "--n-local", "2", "--batch-
         "--n-prototypes", "64", "--ibot-n-prototypes", "64", "--head-hidden-dim", "64", "--head-bottleneck-dim", "32",
         "--ibot-bottleneck-dim", "32", "--synthetic-images", "64", "--synthetic-size", "64", "--epochs", "1",
         "--epoch-length", "4", "--warmup-epochs", "0.5", "--freeze-last-layer-epochs", "0.25", "--num-workers", "0",
-        "--log-every", "1", "--save-every", "2"]
+        "--log-every", "1", "--save-every", "2", "--teacher-temp", "0.07", "--warmup-teacher-temp-epochs", "0.5"]
 
 
 def load_checkpoint(path):
@@ -152,7 +152,7 @@ def test_run_writes_finite_metrics_and_exports(straight_run):
                   "grad_norm_backbone", "grad_norm_dino_head", "grad_norm_ibot_head", "teacher_entropy",
                   "images_per_s"):
             assert math.isfinite(r[k]), (k, r)
-    assert rows[-1]["teacher_temp"] == pytest.approx(0.07)
+    assert rows[0]["teacher_temp"] == pytest.approx(0.04) and rows[-1]["teacher_temp"] == pytest.approx(0.07)
     import vit
     model = vit.from_pretrained(straight_run / "teacher_backbone.pth")  # the hub layout loads strictly
     assert model.embed_dim == 192
