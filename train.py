@@ -753,6 +753,7 @@ def fit(cfg, rank, world, device, strategy, student_p, student, teacher, ema, ex
             metrics_path.write_text("".join(r + "\n" for r in rows))
 
     stop = StopRequest()
+    stopping = False  # a stop every rank agreed on (the flags are reduced at log steps, so no rank runs ahead)
     terms = ("dino_global", "dino_local", "ibot", "koleo")
     running = torch.zeros(len(terms) + 1, device=device)  # summed loss terms + step count, on device (no sync)
     first_bad = torch.full((len(terms),), -1, dtype=torch.long, device=device)  # first non-finite step per term
@@ -779,7 +780,7 @@ def fit(cfg, rank, world, device, strategy, student_p, student, teacher, ema, ex
             bar.update(1)
 
             last = step + 1 == total
-            if (step + 1) % cfg.log_every == 0 or last or stop.requested:
+            if (step + 1) % cfg.log_every == 0 or last or (stop.requested and not is_dist()):
                 stats = torch.cat([running, torch.tensor([float(stop.requested)], device=device)])
                 if is_dist():
                     dist.all_reduce(stats)  # sums over ranks; a stop asked on any rank stops all of them
@@ -790,7 +791,7 @@ def fit(cfg, rank, world, device, strategy, student_p, student, teacher, ema, ex
                     raise FloatingPointError(
                         f"non-finite loss: term '{name}' at step {bad_step}; nothing was saved after it, the last "
                         f"good checkpoint is {ckpt.latest()} (running the same command resumes from it)")
-                stop.requested = stats[-1] > 0
+                stopping = stats[-1] > 0
                 now = time.perf_counter()
                 n_steps = stats[len(terms)] / world
                 means = {k: stats[i] / stats[len(terms)] for i, k in enumerate(terms)}
@@ -810,11 +811,11 @@ def fit(cfg, rank, world, device, strategy, student_p, student, teacher, ema, ex
                         f.write(json.dumps(row) + "\n")
                     bar.set_postfix(loss=f"{row['loss']:.3f}", dino=f"{means['dino_global'] + means['dino_local']:.3f}",
                                     ibot=f"{means['ibot']:.3f}", koleo=f"{means['koleo']:.3f}")
-            if (step + 1) % cfg.save_every == 0 or last or stop.requested:
+            if (step + 1) % cfg.save_every == 0 or last or stopping:
                 path = ckpt.save(step + 1, student, ema, optimizer, centers, cfg)
                 ckpt.export(ema, cfg, export)
-                if stop.requested:
-                    print0(f"\nsaved {path}; run the same command to resume")
+                if stopping:
+                    print0(f"\nstopped at step {step + 1}: saved {path}; run the same command to resume")
                     break
     finally:
         bar.close()
@@ -823,6 +824,8 @@ def fit(cfg, rank, world, device, strategy, student_p, student, teacher, ema, ex
         print(f"done: {out / (export + '_backbone.pth')} (hub layout), metrics in {out / 'metrics.jsonl'}")
     if is_dist():
         dist.destroy_process_group()
+    if stopping:
+        raise SystemExit(130)  # interrupted: a script that chains commands must not take this for a finished run
 
 
 def plot_run(out):

@@ -266,3 +266,37 @@ def test_fsdp_resume(fsdp_run, tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_ctrl_c_saves_then_resumes(tmp_path):
+    import signal
+    import time
+    out = tmp_path / "interrupted"
+    args = TINY.copy()
+    args[args.index("--epoch-length") + 1] = "200"  # long enough to be interrupted
+    args[args.index("--save-every") + 1] = "1000"  # so any checkpoint found was written by the stop
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "train.py"] + args + ["--out", str(out)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 180
+        while not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text().strip()):
+            assert proc.poll() is None and time.time() < deadline, "the run ended before it could be interrupted"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stderr[-3000:]
+    ckpts = [p for p in out.glob("ckpt_*") if p.is_dir()]
+    assert len(ckpts) == 1 and not ckpts[0].name.endswith(".tmp")
+    step = int(ckpts[0].name.split("_")[1])
+    assert 1 <= step < 200 and f"stopped at step {step}" in stdout
+    assert (out / "teacher_backbone.pth").exists()
+    # the same command resumes from it: the checkpoint loads strictly into fresh models at that step
+    cfg = train.parse_config(argv=args + ["--out", str(out)])
+    _, student, teacher = train.build_models(cfg, "none", torch.device("cpu"))
+    optimizer = torch.optim.AdamW(param_groups(student, cfg))
+    ckpt = train.Checkpointer(out, 3, 0)
+    assert ckpt.latest() == ckpts[0]
+    assert ckpt.load(ckpts[0], student, teacher, optimizer, train.make_centers(cfg, torch.device("cpu")), cfg) == step
