@@ -13,6 +13,8 @@ Public names, in reading order:
     ImageFolderDataset                                     folder / class sub-folders / .txt list of paths
     SyntheticDataset, SYNTHETIC_SHAPES                     drawn objects with labels and foreground masks
     InfiniteSampler                                        per-rank shard of an endless shuffled stream
+    seeded, MultiCropDataset, GlobalBatchCollate,          the training stream: global batches cut into rank
+    GlobalBatchSampler                                     slices, every draw seeded by stream position
 
 Randomness: every random draw comes from a `random.Random` seeded with a number drawn from torch's global RNG
 (`torch_seed()`), once per image (augmentation) or per batch (collate). torch.manual_seed therefore fixes
@@ -23,6 +25,7 @@ speed (images/s for one worker, the full 2 x 224 + 8 x 98 pipeline on a 500x375 
 """
 import argparse
 import colorsys
+import contextlib
 import dataclasses
 import functools
 import io
@@ -628,6 +631,96 @@ class InfiniteSampler(torch.utils.data.Sampler):
             generator.manual_seed(self.seed + self.rank + (pass_index << 24))
             yield from shard[torch.randperm(self.shard_len, generator=generator)][offset:].tolist()
             pass_index, offset = pass_index + 1, 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The training stream (train.py, distill.py): each global batch is a fixed slice of one shuffled stream, so the
+# data of step s does not depend on the number of ranks; every random draw of the data (augmentations, masks) is
+# seeded by the sample's position in the stream.
+# ---------------------------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def seeded(seed):
+    """Run a block with python, numpy and torch (CPU) random generators seeded, then restore them."""
+    py, npy = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed), random.seed(seed), np.random.seed(seed % 2**32)
+        try:
+            yield
+        finally:
+            random.setstate(py), np.random.set_state(npy)
+
+
+class MultiCropDataset(torch.utils.data.Dataset):
+    """Images -> multi-crop views; the augmentation of stream position `pos` is a function of (seed, pos)."""
+
+    def __init__(self, images, augment, seed):
+        self.images, self.augment, self.seed = images, augment, seed
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, item):
+        index, pos = item
+        image, label = self.images[index]
+        with seeded(self.seed * 1_000_003 + pos):
+            return pos, (self.augment(image), label)
+
+
+class GlobalBatchCollate(MultiCropCollate):
+    """The masking collate, with its draws made for the whole global batch, so that a rank's masks are its slice of
+    the masks a single process would draw for the same global batch (whatever the number of ranks).
+
+    NOTE(deviation): the released collate stratifies mask ratios over each GPU's own 2B crops; here the stratification
+    (exactly int(0.5 * 2B_global) masked crops, ratios from linspace(0.1, 0.5)) runs over the global batch's crops,
+    and each crop's blocks are drawn from a generator seeded by (step, crop). Same statistics, and DDP / FSDP runs
+    reproduce a single-process run exactly."""
+
+    def __init__(self, mask_generator, mask_ratio, mask_probability, batch_size, world, seed):
+        super().__init__(mask_generator, mask_ratio=mask_ratio, mask_probability=mask_probability)
+        self.B, self.world, self.seed = batch_size, world, seed
+
+    def __call__(self, items):
+        positions, samples = zip(*items)
+        self.step, first = divmod(positions[0], self.B * self.world)  # which global batch, where this rank starts
+        self.rank = first // self.B
+        return super().__call__(list(samples))
+
+    def sample_masks(self, n_crops, rng):
+        n_all = 2 * self.B * self.world  # global crops of the whole global batch, view-major
+        step_rng = random.Random(self.seed * 1_000_003 + self.step)
+        n_masked = int(n_all * self.mask_probability)
+        probs = np.linspace(*self.mask_ratio, n_masked + 1)
+        n_patches = self.mask_generator.num_patches
+        targets = [int(n_patches * step_rng.uniform(probs[i], probs[i + 1])) for i in range(n_masked)]
+        targets += [0] * (n_all - n_masked)
+        step_rng.shuffle(targets)  # the two views of an image are masked independently
+        rows = [v * self.B * self.world + self.rank * self.B + i for v in range(2) for i in range(self.B)]
+        masks = [self.mask_generator(targets[r], rng=random.Random(self.seed * 1_000_003 + self.step * 65_537 + r))
+                 if targets[r] else np.zeros((self.mask_generator.height, self.mask_generator.width), dtype=bool)
+                 for r in rows]
+        return torch.from_numpy(np.stack(masks).reshape(n_crops, n_patches))  # (2B, N)
+
+
+class GlobalBatchSampler:
+    """Yields this rank's share of each global batch: [(dataset index, stream position)] * batch_size.
+
+    NOTE(deviation): the released sampler gives each rank its own shuffled shard (RECIPE §2.2). Here the stream is
+    one global shuffle (the same InfiniteSampler with world_size 1) cut into global batches, and rank r takes the
+    r-th slice of each; a run resumed on a different number of GPUs continues the same data, and DDP / FSDP runs
+    see exactly the batches of a single-process run (the tests check this)."""
+
+    def __init__(self, n, batch_size, rank, world, seed, start_step):
+        self.n, self.B, self.rank, self.world, self.seed, self.start = n, batch_size, rank, world, seed, start_step
+
+    def __iter__(self):
+        gb = self.B * self.world
+        stream = iter(InfiniteSampler(self.n, rank=0, world_size=1, seed=self.seed, start=self.start * gb))
+        pos = self.start * gb
+        while True:
+            batch = [(next(stream), pos + i) for i in range(gb)]
+            pos += gb
+            yield batch[self.rank * self.B:(self.rank + 1) * self.B]
 
 
 # ---------------------------------------------------------------------------------------------------------------
