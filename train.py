@@ -110,6 +110,7 @@ class Config:
     strategy: str = "auto"  # auto | none | ddp | fsdp (auto: none on one process, fsdp above 200M params else ddp)
     compile: bool = False  # torch.compile each transformer block
     activation_checkpointing: bool = False  # recompute blocks in backward (for vit_l / vit_g)
+    meta_init: bool = None  # FSDP: build on the meta device, initialise after sharding (default: vit_l / vit_g)
     device: str = "auto"  # auto | cpu | cuda | mps
     seed: int = 0
     out: str = "runs/train"
@@ -360,7 +361,8 @@ def build_models(cfg, strategy, device):
     """Student and teacher, initialised identically. Big FSDP models are built on the meta device and initialised
     after sharding, so a rank never holds a whole vit_g; small ones are built whole (same numbers on every rank)."""
     torch.manual_seed(cfg.seed)
-    meta = strategy == "fsdp" and not cfg.init_from and canonical_arch(cfg.arch) in ("vit_large", "vit_giant2")
+    big = canonical_arch(cfg.arch) in ("vit_large", "vit_giant2")
+    meta = strategy == "fsdp" and not cfg.init_from and (big if cfg.meta_init is None else cfg.meta_init)
     with torch.device("meta") if meta else contextlib.nullcontext():
         student = build_ssl_model(cfg, cfg.drop_path)  # initialised by its constructors unless on meta
     if not meta and cfg.init_from:

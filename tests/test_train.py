@@ -300,3 +300,20 @@ def test_ctrl_c_saves_then_resumes(tmp_path):
     ckpt = train.Checkpointer(out, 3, 0)
     assert ckpt.latest() == ckpts[0]
     assert ckpt.load(ckpts[0], student, teacher, optimizer, train.make_centers(cfg, torch.device("cpu")), cfg) == step
+
+
+def test_fsdp_meta_device_init(tmp_path):
+    # the vit_l / vit_g path (forced here on the tiny model): built on the meta device, initialised after sharding
+    import json
+    args = DIST.copy()
+    args[args.index("--batch-size") + 1] = "2"
+    out = tmp_path / "meta"
+    proc = run_script(args + ["--out", str(out), "--strategy", "fsdp", "--meta-init"], nproc=2)
+    assert (out / "ckpt_00000004" / "extra.pt").exists(), proc.stdout[-2000:] + proc.stderr[-3000:]
+    rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and all(math.isfinite(r["loss"]) for r in rows)
+    sd = torch.load(out / "teacher_backbone.pth")
+    w = sd["blocks.0.attn.qkv.weight"]  # (3D, D): rank 0 initialised the first half of the rows, rank 1 the second
+    half = w.shape[0] // 2
+    assert not torch.allclose(w[:half], w[half:])  # each shard got its own random numbers
+    assert 0.015 < w.std().item() < 0.025 and 0.015 < sd["pos_embed"].std().item() < 0.025  # trunc_normal(0.02)
