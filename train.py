@@ -26,9 +26,11 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import inspect
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import time
@@ -152,9 +154,16 @@ def canonical_arch(name):
 def parse_config(cls=Config, presets=PRESETS, argv=None, description=__doc__):
     """--field value for every field of `cls`; the --arch preset fills what the flags leave unset."""
     parser = argparse.ArgumentParser(description=(description or "").strip().split("\n")[0])
+    comments = {}  # the comment after each field in the dataclass source is its --help text
+    for c in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(c):
+            for line in inspect.getsource(c).splitlines():
+                m = re.match(r"\s+(\w+): [^=]+=[^#]*#\s*(.*)", line)
+                if m:
+                    comments[m.group(1)] = m.group(2)
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
-        help_ = f"default {f.default!r} (or the --arch preset)"
+        help_ = f"{comments.get(f.name, '')} [default {f.default!r}, or the --arch preset]".replace("%", "%%")
         if f.type in (bool, "bool"):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
         elif f.type in (tuple, "tuple"):
