@@ -47,7 +47,8 @@ def read_teacher(path):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"teacher checkpoint {path!r} not found: train one with `python train.py` (it writes "
                                 f"runs/train/teacher.pth), or see the README for a released backbone")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    # mmap: the config is read twice (flags, then the teacher), and a vit_g teacher.pth is gigabytes
+    ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     if not (isinstance(ckpt, dict) and "model" in ckpt and "config" in ckpt):
         raise ValueError(f"{path} is not a train.py teacher.pth (expected keys 'model' and 'config'; a backbone-only "
                          f"file such as the released weights needs heads first: train.py --init-from, see the README)")

@@ -271,7 +271,8 @@ class SSLModel(nn.Module):
             all_cls = torch.cat([cls, self.backbone.forward_features(local_crops)["x_norm_clstoken"]])  # ((2+L)B, D)
         logits = self.dino_head(all_cls)  # ((2+L)B, K): one head call for global and local crops
         patches = g["x_norm_patchtokens"].flatten(0, 1)[mask_indices]  # (M, D): masked positions only
-        patch_logits = (self.ibot_head or self.dino_head)(patches)  # (M, K)
+        patch_head = self.dino_head if self.ibot_head is None else self.ibot_head
+        patch_logits = patch_head(patches)  # (M, K)
         return dict(cls=cls, global_logits=logits[:n_global], local_logits=logits[n_global:],
                     patch_logits=patch_logits)
 
@@ -586,7 +587,8 @@ def peak_flops(device):
 
 
 def flops_per_image(backbone, cfg):
-    """Training FLOPs per image: student forward + backward (3x) on every crop, teacher forward on the globals."""
+    """Training FLOPs per image: student forward + backward (3x) on every crop, teacher forward on the globals.
+    Backbones only: the heads run on a few tokens per image and add a few percent, so MFU is slightly understated."""
     g = backbone.flops_per_image(cfg.global_size, cfg.global_size)
     l = backbone.flops_per_image(cfg.local_size, cfg.local_size) if cfg.n_local else 0
     return 3 * (2 * g + cfg.n_local * l) + 2 * g
@@ -720,11 +722,12 @@ def fit(cfg, rank, world, device, strategy, student_p, student, teacher, ema, ex
                 now = time.perf_counter()
                 n_steps = stats[len(terms)] / world
                 means = {k: stats[i] / stats[len(terms)] for i, k in enumerate(terms)}
-                entropy, used = teacher_diagnostics(t_cls)
+                # this rank's gradient norms and teacher diagnostics, fetched in one copy
+                *norm_vals, entropy, used = torch.stack([*norms.values(), *teacher_diagnostics(t_cls)]).tolist()
                 row = dict(step=step + 1, loss=sum(means.values()), **means, lr=float(sched["lr"][step]),
                            wd=float(sched["wd"][step]), momentum=momentum, teacher_temp=teacher_temp,
-                           **{k: float(v) for k, v in norms.items()}, teacher_entropy=float(entropy),
-                           prototypes_used=int(used), images_per_s=n_steps * cfg.batch_size * world / (now - t_last))
+                           **dict(zip(norms, norm_vals)), teacher_entropy=entropy, prototypes_used=int(used),
+                           images_per_s=n_steps * cfg.batch_size * world / (now - t_last))
                 if device.type == "cuda":
                     row["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
                     if peak:
