@@ -8,7 +8,7 @@ seed sets, M images sampled from the seed's pool cluster). The balancing step is
 k-means with resampling, then sampling evenly across clusters so that a few dominant concepts cannot swamp the set.
 NOTE(deviation): the paper searched with Faiss (GPU IVF+PQ, approximate); here every search is exact: a chunked
 matmul + top-k in torch (on CPUs with bf16 units, a bf16 screen with a proven error bound, then fp32 rescoring),
-which shards the database across ranks under torchrun (RECIPE section 7).
+which shards the database across ranks under torchrun (paper §3, Appendix A).
 
 Public names, in reading order:
     lexsort_rows, select_topk, knn              exact inner-product top-k, chunked over queries and database

@@ -1,8 +1,8 @@
 """Data for DINOv2: multi-crop augmentation, iBOT block masking, datasets and the infinite sampler.
 
 Paper: DINOv2 (Oquab et al., 2023) section 4 and appendix, which inherit the multi-crop recipe of DINO (Caron et al.,
-2021) and the block masking of iBOT / BEiT. The numbers are the released code's (../shared/reference/RECIPE.md
-sections 2, 2.1, 2.2); each departure is marked `NOTE(deviation)` (the blur default follows the paper).
+2021) and the block masking of iBOT / BEiT. The numbers are the released code's (`dinov2/data/augmentations.py`,
+`collate.py`, `masking.py`, `samplers.py`); each departure is marked `NOTE(deviation)` (the blur default follows the paper).
 
 Public names, in reading order:
     IMAGENET_MEAN, IMAGENET_STD, IMAGE_EXTENSIONS, torch_seed()
@@ -92,7 +92,7 @@ def _hue_lut(shift: int) -> list:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Multi-crop augmentation (RECIPE section 2), in uint8 PIL until the final tensor
+# Multi-crop augmentation (released `dinov2/data/augmentations.py`), in uint8 PIL until the final tensor
 # ---------------------------------------------------------------------------------------------------------------
 
 @dataclass
@@ -130,8 +130,8 @@ class MultiCropAugmentation:
             self.p_blur = (1.0, 0.1, 0.5)  # (global crop 1, global crop 2, each local crop)
         elif blur == "released":
             # NOTE(deviation): the released code wraps blur in its own GaussianBlur(p) that hands `1 - p` to
-            # RandomApply, so the nominal 1.0 / 0.1 / 0.5 become 0.0 / 0.9 / 0.5 in effect (RECIPE section 2,
-            # dinov2 PR #411). The released checkpoints were trained this way; "paper" is the default here.
+            # RandomApply, so the nominal 1.0 / 0.1 / 0.5 become 0.0 / 0.9 / 0.5 in effect (released
+            # `dinov2/data/augmentations.py`, dinov2 PR #411). The released checkpoints were trained this way; "paper" is the default here.
             self.p_blur = (0.0, 0.9, 0.5)
         else:
             raise ValueError(f"blur must be 'paper' or 'released', got {blur!r}")
@@ -233,7 +233,7 @@ class MultiCropAugmentation:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# iBOT block masking and the collate function (RECIPE section 2.1)
+# iBOT block masking and the collate function (released `dinov2/data/masking.py`, `collate.py`)
 # ---------------------------------------------------------------------------------------------------------------
 
 class MaskingGenerator:
@@ -524,33 +524,24 @@ def _draw_shape(name, size, center, radius, angle) -> Image.Image:
     return mask
 
 
-@functools.lru_cache(maxsize=None)
-def _unit_area(name: str) -> float:
-    """Area of a shape drawn with radius 1 (measured once on a 100 px radius rendering)."""
-    return float((np.asarray(_draw_shape(name, 220, (110, 110), 100, 0.0)) > 0).sum()) / 100**2
-
-
 class SyntheticDataset(torch.utils.data.Dataset):
     """One object per image on a textured background, drawn on the fly; needs no download.
 
-    Class c is a shape (SYNTHETIC_SHAPES[c % 10]); with more classes than shapes, classes also differ by colour
-    family (a band of hues). Objects are saturated and cover about 20-50 % of the image (smaller for thin shapes,
-    which are never cut by the border); backgrounds are muted (low saturation) noise, stripes or gradients, so the
-    foreground is visually distinct. Labels are i % n_classes (balanced). Everything is a function of
-    (seed, index): sample(i) is the same in every process and every epoch.
+    Class c is a shape, SYNTHETIC_SHAPES[c], and nothing else: its colour, size, position, rotation and the
+    background are drawn independently of the class, so no shortcut reaches the label and a feature that classifies
+    these images has learned shapes. Objects are saturated and span 50-90 % of the image side (never cut by the
+    border); backgrounds are muted (low saturation) noise, stripes or gradients, so the foreground is visually
+    distinct. Labels are i % n_classes (balanced). Everything is a function of (seed, index): sample(i) is the same
+    in every process and every epoch.
     """
 
     def __init__(self, n=1024, size=224, n_classes=8, seed=0, transform=None):
-        if n_classes < 1:
-            raise ValueError(f"n_classes must be >= 1, got {n_classes}")
+        if not 1 <= n_classes <= len(SYNTHETIC_SHAPES):
+            raise ValueError(f"n_classes must be between 1 and {len(SYNTHETIC_SHAPES)} (one shape per class), "
+                             f"got {n_classes}")
         self.n, self.size, self.n_classes, self.seed, self.transform = n, size, n_classes, seed, transform
-        self.n_families = math.ceil(n_classes / len(SYNTHETIC_SHAPES))
-        self.classes = [self._class_name(c) for c in range(n_classes)]
+        self.classes = list(SYNTHETIC_SHAPES[:n_classes])
         self.targets = [i % n_classes for i in range(n)]
-
-    def _class_name(self, c):
-        shape = SYNTHETIC_SHAPES[c % len(SYNTHETIC_SHAPES)]
-        return shape if self.n_families == 1 else f"{shape}/hue{c // len(SYNTHETIC_SHAPES)}"
 
     def __len__(self):
         return self.n
@@ -581,14 +572,14 @@ class SyntheticDataset(torch.utils.data.Dataset):
             raise IndexError(f"index {i} out of range for {self.n} samples")
         rng = np.random.default_rng((self.seed, i))
         label = self.targets[i]
-        shape, family = SYNTHETIC_SHAPES[label % len(SYNTHETIC_SHAPES)], label // len(SYNTHETIC_SHAPES)
-        # Size from a target area fraction, capped so the whole object fits; position keeps it inside the image.
-        area = rng.uniform(0.2, 0.5) * self.size**2
-        radius = min(math.sqrt(area / _unit_area(shape)), 0.48 * self.size)
+        shape = SYNTHETIC_SHAPES[label]
+        # The radius of the shape's unit disc, its centre and angle: the same distributions for every class (drawing
+        # an *area* instead would make thin shapes smaller on average, a size shortcut to the label).
+        radius = rng.uniform(0.25, 0.45) * self.size
         center = rng.uniform(radius, self.size - radius, size=2)
         mask_img = _draw_shape(shape, self.size, center, radius, rng.uniform(0, 2 * math.pi))
         fg = np.asarray(mask_img) > 0
-        hue = (family + rng.uniform(0.1, 0.9)) / self.n_families if self.n_families > 1 else rng.random()
+        hue = rng.random()
         color = np.array(colorsys.hsv_to_rgb(hue, rng.uniform(0.65, 1.0), rng.uniform(0.65, 1.0))) * 255
         pixels = np.where(fg[..., None], color, self._background(rng))
         pixels += rng.integers(-8, 9, size=pixels.shape)  # a little sensor-like noise on everything
@@ -601,7 +592,7 @@ class SyntheticDataset(torch.utils.data.Dataset):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Sampler (RECIPE section 2.2)
+# Sampler (released `dinov2/data/samplers.py`)
 # ---------------------------------------------------------------------------------------------------------------
 
 class InfiniteSampler(torch.utils.data.Sampler):
@@ -705,7 +696,7 @@ class GlobalBatchCollate(MultiCropCollate):
 class GlobalBatchSampler:
     """Yields this rank's share of each global batch: [(dataset index, stream position)] * batch_size.
 
-    NOTE(deviation): the released sampler gives each rank its own shuffled shard (RECIPE §2.2). Here the stream is
+    NOTE(deviation): the released sampler gives each rank its own shuffled shard (`samplers.py`). Here the stream is
     one global shuffle (the same InfiniteSampler with world_size 1) cut into global batches, and rank r takes the
     r-th slice of each; a run resumed on a different number of GPUs continues the same data, and DDP / FSDP runs
     see exactly the batches of a single-process run (the tests check this)."""

@@ -2,7 +2,7 @@
 Distillation: a small student learns from a large frozen teacher, as the released ViT-S/B/L were made from ViT-g.
 
 Paper §5 ("Distillation") and the model card: "the standard DINOv2 pretraining procedure, except the teacher is a
-pretrained ViT-g, frozen" (RECIPE §7). The released repository has no such code; this file is only what changes
+pretrained ViT-g, frozen" (paper §5). The released repository has no such code; this file is only what changes
 when the teacher is frozen. Everything else (schedules, parameter groups, Sinkhorn-Knopp or centering, KoLeo, the
 loop, checkpoints, DDP / FSDP2, logging) is train.py's, called as it is.
 

@@ -1,8 +1,7 @@
 """Frozen-feature evaluation of a DINOv2 backbone: k-NN, linear probe and emergent segmentation.
 
 Paper §7 (Results: frozen-feature k-NN and linear evaluation on ImageNet-1k, and the qualitative PCA of patch
-features) with the released protocols of `dinov2/eval/knn.py` and `dinov2/eval/linear.py`
-(../shared/reference/RECIPE.md §8). The backbone is never trained here: features are extracted once, cached, and
+features) with the released protocols of `dinov2/eval/knn.py` and `dinov2/eval/linear.py`. The backbone is never trained here: features are extracted once, cached, and
 every protocol works on the cache.
 
 Public names, in reading order:
@@ -10,6 +9,7 @@ Public names, in reading order:
     round_to_patch, to_tensor, EvalTransform      -- resize / centre-crop / normalise
     extract_features                              -- batched, sharded over ranks, gathered back in dataset order
     knn_scores, knn_classify, knn_accuracy        -- weighted k-NN on L2-normalised cls tokens
+    raw_pixel_features, KnnMonitor                -- the raw-pixel floor; the online k-NN that train.py runs
     LINEAR_LRS, create_linear_input, linear_probe -- 52 linear classifiers trained at once on cached features
     first_principal_component, segmentation_iou   -- foreground from the first PCA component of the patch tokens
     EvalConfig, main                              -- the command line
@@ -98,18 +98,21 @@ def load_backbone(weights=None, arch: str = "vit_tiny", device=None, random_init
     return _freeze(model, device)
 
 
-def training_layerscale(weights) -> float:
-    """The LayerScale init of the run that wrote `weights`, read from the teacher.pth that train.py / distill.py write
-    beside it (so the random baseline starts exactly where that training started); 1e-5, every DINOv2 config's, if
-    there is none."""
+def training_config(weights) -> dict:
+    """The config of the run that wrote `weights`, read from the teacher.pth / student.pth that train.py / distill.py
+    write beside it ({} if there is none): its LayerScale init (where the random baseline starts), crop size and
+    synthetic image size (where its features are evaluated)."""
     if weights is not None:
         for name in ("teacher.pth", "student.pth"):
             run_file = Path(weights).parent / name
             if run_file.is_file():
-                config = torch.load(run_file, map_location="cpu", weights_only=False, mmap=True).get("config", {})
-                if "layerscale" in config:
-                    return float(config["layerscale"])
-    return 1e-5
+                return dict(torch.load(run_file, map_location="cpu", weights_only=False, mmap=True).get("config", {}))
+    return {}
+
+
+def training_layerscale(weights) -> float:
+    """The LayerScale init of the run that wrote `weights`; 1e-5, every DINOv2 config's, if unknown."""
+    return float(training_config(weights).get("layerscale", 1e-5))
 
 
 def random_like(model: nn.Module, seed: int = 0, layerscale: float = 1e-5) -> nn.Module:
@@ -289,6 +292,56 @@ def knn_accuracy(train_feats, train_labels, test_feats, test_labels, n_classes: 
                 "top5": 100.0 * (p == test_labels).any(1).float().mean().item()} for k, p in preds.items()}
 
 
+def raw_pixel_features(dataset, side: int = 28, crop: bool = False) -> torch.Tensor:
+    """(N, 3 * side * side) float32: each image (dataset[i][0], PIL) resized to side x side (after a centre square
+    crop if `crop`, as EvalTransform), minus its own mean.
+
+    The floor every learned feature must clear: a k-NN on these (cosine, so the image's mean and contrast drop out)
+    already separates objects that differ in silhouette at the same place and angle.
+    """
+    def square(img):
+        w, h = img.size
+        s = min(w, h)
+        return img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s)) if crop else img
+
+    rows = [np.asarray(square(dataset[i][0].convert("RGB")).resize((side, side), Image.BICUBIC), dtype=np.float32)
+            for i in range(len(dataset))]
+    x = torch.from_numpy(np.stack(rows)).flatten(1)  # (N, 3 * side * side)
+    return x - x.mean(dim=1, keepdim=True)
+
+
+class KnnMonitor:
+    """Online k-NN during training (as solo-learn and lightly do): weighted k-NN top-1 (k=20, T=0.07, the released
+    protocol) of a backbone's cls token on a small labelled split, a bank of labelled images and held-out queries.
+
+    The images are transformed once and kept as tensors, so a check costs one forward of the bank and the queries.
+    `raw_pixels` is the same k-NN on raw pixels (raw_pixel_features): the floor a learned feature must clear.
+    """
+
+    def __init__(self, bank, queries, n_classes: int, size: int, patch: int, batch_size: int = 250):
+        crop = not hasattr(bank, "sample")  # synthetic images are square and framed already
+        transform = EvalTransform(size, crop=crop, patch=patch)
+        self.n_classes, self.batch_size = n_classes, batch_size
+        self.images, self.labels = [], []
+        for ds in (bank, queries):
+            items = [ds[i] for i in range(len(ds))]
+            self.images.append(torch.stack([transform(img) for img, _ in items]))  # (N, 3, size, size)
+            self.labels.append(torch.tensor([label for _, label in items], dtype=torch.long))  # (N,)
+        self.raw_pixels = knn_accuracy(raw_pixel_features(bank, crop=crop), self.labels[0],
+                                       raw_pixel_features(queries, crop=crop), self.labels[1], n_classes,
+                                       ks=(20,))[20]["top1"]
+
+    @torch.no_grad()
+    def features(self, embed, device) -> list:
+        """[bank (N, D), queries (Q, D)] from `embed`, a function images (B, 3, H, W) -> cls tokens (B, D)."""
+        return [torch.cat([embed(x[i:i + self.batch_size].to(device)).float().cpu()
+                           for i in range(0, len(x), self.batch_size)]) for x in self.images]
+
+    def __call__(self, embed, device) -> float:
+        bank, queries = self.features(embed, device)
+        return knn_accuracy(bank, self.labels[0], queries, self.labels[1], self.n_classes, ks=(20,))[20]["top1"]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Linear probe (dinov2/eval/linear.py)
 
@@ -465,7 +518,7 @@ class EvalConfig:
     random: bool = False  # evaluate a randomly initialised `arch` instead of weights
     train: str | None = None  # image folder (class sub-folders) or file list; None -> the synthetic set
     val: str | None = None  # same, for the evaluation split
-    size: int | None = None  # input side, rounded to the patch; None -> 112 synthetic (its training res), 224 folders
+    size: int | None = None  # input side, rounded to the patch; None -> the run's crop size (teacher.pth), else 224
     n_train: int = 2000  # synthetic train images (seed 0)
     n_val: int = 500  # synthetic val images (seed 1)
     n_classes: int = 8  # synthetic classes (the laptop preset of train.py)
@@ -512,7 +565,7 @@ def _print0(*args):
 
 def _format_table(res: dict) -> str:
     rows = []
-    for name in ("backbone", "random_baseline"):
+    for name in ("backbone", "random_baseline", "raw_pixels"):
         if name not in res:
             continue
         r = res[name]
@@ -558,7 +611,9 @@ def main(argv=None) -> dict | None:
     device = pick_device()
     synthetic = cfg.train is None
     # Derived values are printed, never written back into cfg.
-    size = cfg.size or (112 if synthetic else 224)
+    run = {} if cfg.random else training_config(cfg.weights or DEFAULT_WEIGHTS)
+    size = cfg.size or run.get("global_size", 224)  # features are read at the resolution they were trained at
+    synthetic_size = run.get("synthetic_size", 128)
     baseline = cfg.baseline if cfg.baseline is not None else (synthetic and not cfg.random)
     _print0(f"config: {asdict(cfg)}\nderived: device={device} size={size} baseline={baseline}")
 
@@ -569,8 +624,8 @@ def main(argv=None) -> dict | None:
     size = round_to_patch(size, model.patch_size)
     if synthetic:
         transform = EvalTransform(size, crop=False, patch=model.patch_size)  # synthetic images are square already
-        train_set = data.SyntheticDataset(n=cfg.n_train, size=128, n_classes=cfg.n_classes, seed=0, transform=transform)
-        val_set = data.SyntheticDataset(n=cfg.n_val, size=128, n_classes=cfg.n_classes, seed=1, transform=transform)
+        train_set, val_set = (data.SyntheticDataset(n=n, size=synthetic_size, n_classes=cfg.n_classes, seed=seed,
+                                                    transform=transform) for n, seed in ((cfg.n_train, 0), (cfg.n_val, 1)))
         n_classes = cfg.n_classes
     else:
         transform = EvalTransform(size, crop=True, patch=model.patch_size)
@@ -584,6 +639,16 @@ def main(argv=None) -> dict | None:
 
     weights = None if cfg.random else str(cfg.weights or DEFAULT_WEIGHTS)
     results = {"config": asdict(cfg), "size": size, "n_classes": n_classes, "weights": weights}
+    # The floor: the same k-NN on raw pixels (28 x 28, mean removed), on the same images
+    raw = {}
+    if _dist_info()[0] == 0:
+        for name, ds in (("train", train_set), ("val", val_set)):
+            transform, ds.transform = ds.transform, None
+            raw[name] = raw_pixel_features(ds, crop=not synthetic)
+            ds.transform = transform
+        results["raw_pixels"] = dict(model="raw pixels 28x28", knn={str(k): v for k, v in knn_accuracy(
+            raw["train"], torch.tensor(train_set.targets), raw["val"], torch.tensor(val_set.targets), n_classes,
+            cfg.ks, cfg.temperature).items()})
     res = evaluate_model(model, train_set, val_set, n_classes, cfg, size, device, seg_set)
     if res is not None:
         results["backbone"] = dict(model=f"random init {cfg.arch}" if cfg.random else weights, **res)

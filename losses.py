@@ -3,7 +3,8 @@
 Implements the self-supervised objective of DINOv2 (Oquab et al., 2023, §4 "Discriminative Self-supervised
 Pre-training"): the image-level objective (DINO, on the cls token), the patch-level objective (iBOT, on masked
 patch tokens), Sinkhorn-Knopp centering of the teacher and the KoLeo regulariser, each as the released
-facebookresearch/dinov2 code defines it (../shared/reference/RECIPE.md §3, §4 and the checklist in §10).
+facebookresearch/dinov2 code defines it (`dinov2/layers/dino_head.py`, `dinov2/loss/*.py`,
+`dinov2/train/ssl_meta_arch.py`).
 
 Public names, in reading order:
     world_size, all_reduce_          collectives guarded so that a plain process needs no process group
@@ -58,7 +59,7 @@ def all_reduce_(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
 
 
 # -----------------------------------------------------------------------------
-# The projection head (RECIPE §3)
+# The projection head (released `dinov2/layers/dino_head.py`)
 
 
 class DINOHead(nn.Module):
@@ -139,7 +140,7 @@ def convert_official_head_keys(state_dict: dict, to_official: bool = False) -> d
 
 
 # -----------------------------------------------------------------------------
-# Teacher targets (RECIPE §4.1). N rows = one per token: the 2B cls tokens for DINO, the M masked patch
+# Teacher targets (released `dino_clstoken_loss.py`, `ibot_patch_loss.py`). N rows = one per token: the 2B cls tokens for DINO, the M masked patch
 # tokens for iBOT. Both options return fp32 probabilities with no gradient.
 
 
@@ -199,7 +200,7 @@ def _logsumexp_over_all_rows(log_q: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def sinkhorn_knopp(teacher_logits: torch.Tensor, temp: float, n_iterations: int = 3) -> torch.Tensor:
-    """Sinkhorn-Knopp teacher targets (SwAV; RECIPE §4.1), jointly over all rows of all ranks. Returns (N,K) fp32.
+    """Sinkhorn-Knopp teacher targets (SwAV; released `sinkhorn_knopp_teacher`), jointly over all rows of all ranks. Returns (N,K) fp32.
 
     The released loop, with Q of shape (K, B') and B' the row count over all ranks:
         Q = exp(t / temp).T;  Q /= sum(Q)                      # sum all-reduced
@@ -229,7 +230,7 @@ def sinkhorn_knopp(teacher_logits: torch.Tensor, temp: float, n_iterations: int 
 
 
 # -----------------------------------------------------------------------------
-# The loss terms (RECIPE §4.2 - §4.4). All return fp32 scalars.
+# The loss terms (paper §4; released `dinov2/loss/`). All return fp32 scalars.
 
 
 def dino_loss(student_global: torch.Tensor, student_local: torch.Tensor | None, teacher_probs: torch.Tensor,
@@ -271,7 +272,7 @@ def dino_loss(student_global: torch.Tensor, student_local: torch.Tensor | None, 
 
 def ibot_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor, mask_weights: torch.Tensor,
               n_global_crops: int, student_temp: float = 0.1) -> torch.Tensor:
-    """Patch-level iBOT loss on the M masked tokens of this rank's 2B global crops (RECIPE §4.3).
+    """Patch-level iBOT loss on the M masked tokens of this rank's 2B global crops (released `iBOTPatchLoss.forward_masked`).
 
     loss = -sum_j w_j sum_k t_jk log softmax(s_j / student_temp)_k / n_global_crops, with w_j = 1 / (number of
     masked tokens in j's crop): each masked crop's token mean, summed over crops, divided by ALL global crops
@@ -289,7 +290,7 @@ def ibot_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor, mask_we
 def koleo_loss(x: torch.Tensor) -> torch.Tensor:
     """KoLeo regulariser on one view's features x (B,D): -mean_i log(distance to the nearest neighbour of x_i).
 
-    As released (RECIPE §4.4): x = normalize(x, eps=1e-8); the neighbour is the argmax of x x^T with the
+    As released (`dinov2/loss/koleo_loss.py`): x = normalize(x, eps=1e-8); the neighbour is the argmax of x x^T with the
     diagonal set to -1 (no gradient through the search); d_i = |x_i - x_nn(i) + 1e-8| (PairwiseDistance,
     eps 1e-8); loss = -mean log(d + 1e-8). Computed per rank on the local batch (not gathered).
     """
@@ -308,3 +309,55 @@ def koleo_loss(x: torch.Tensor) -> torch.Tensor:
             nn_index = sim.argmax(dim=1)  # (B,)
         dist_nn = F.pairwise_distance(x, x[nn_index], p=2, eps=1e-8)  # (B,)
         return -torch.log(dist_nn + 1e-8).mean()
+
+
+# -----------------------------------------------------------------------------
+# Collapse watch. DINO has two trivial solutions that centering and sharpening are there to avoid: a uniform teacher
+# (every image gets the same flat target, so the cls token learns nothing) and a one-hot one (every image lands on
+# the same few prototypes). Both show in the teacher's targets long before they show in a downstream score.
+
+def teacher_diagnostics(t_cls: torch.Tensor):
+    """(mean entropy of the teacher's rows (0 = one-hot, ln K = uniform), prototypes that win at least one row)."""
+    p = t_cls.float()  # (R, K)
+    entropy = -(p * p.clamp_min(1e-12).log()).sum(-1).mean()
+    used = torch.zeros(p.shape[-1], device=p.device).index_fill_(0, p.argmax(-1), 1.0).sum()
+    return entropy, used
+
+
+class CollapseAlarm:
+    """Warns once per symptom when the teacher stays uniform (entropy within `tolerance` of ln K) or puts its crops
+    on at most `handful` prototypes, at every check over at least `window` steps. A warning: training goes on."""
+
+    ADVICE = {
+        "uniform": "every image gets the same flat target, so the cls token learns nothing. What usually helps: a "
+                   "lower --teacher-temp (sharper targets), --freeze-last-layer-epochs 1, fewer --n-prototypes, "
+                   "a lower --base-lr; at small scale, more tokens per step (smaller --patch-size).",
+        "few": "the features have collapsed onto a few points. What usually helps: --centering sinkhorn_knopp, a "
+               "higher --teacher-temp or a longer --warmup-teacher-temp-epochs, a lower --base-lr.",
+    }
+
+    def __init__(self, n_prototypes: int, window: int, tolerance: float = 0.03, handful: int = 3):
+        self.log_k, self.window, self.tolerance, self.handful = math.log(n_prototypes), window, tolerance, handful
+        self.since = {"uniform": None, "few": None}  # first step of the current streak of each symptom
+        self.fired = set()
+
+    def update(self, step: int, entropy: float, used: int, n_rows: int) -> str | None:
+        """Feed one check (the teacher's cls targets of `n_rows` crops); returns a warning the first time a symptom
+        has lasted `window` steps, else None."""
+        symptoms = {"uniform": entropy >= (1 - self.tolerance) * self.log_k,
+                    "few": used <= self.handful < n_rows // 4}  # a tiny batch cannot show "few"
+        message = None
+        for name, present in symptoms.items():
+            if not present:
+                self.since[name] = None
+                continue
+            if self.since[name] is None:
+                self.since[name] = step
+            if step - self.since[name] >= self.window and name not in self.fired:
+                self.fired.add(name)
+                what = (f"the teacher's cls targets have been uniform (entropy {entropy:.3f}, ln K = "
+                        f"{self.log_k:.3f})" if name == "uniform" else
+                        f"the teacher has put every crop on {used} prototype(s) of {round(math.exp(self.log_k))}")
+                message = f"warning: collapse alarm at step {step}: {what} for {step - self.since[name]} steps: " \
+                          f"{self.ADVICE[name]}"
+        return message

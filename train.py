@@ -2,7 +2,7 @@
 DINOv2 training: a student and an EMA teacher, the DINO + iBOT + KoLeo objective, one loop for every scale.
 
 Paper: Oquab et al., "DINOv2" (TMLR 2024), §4 (method) and §5 (implementation); the numbers follow the released
-code (../shared/reference/RECIPE.md §4-§6). Read vit.py, losses.py and data.py first; this file puts them together.
+code (`dinov2/train/train.py`, `ssl_meta_arch.py`, `configs/ssl_default_config.yaml`). Read vit.py, losses.py and data.py first; this file puts them together.
 
 Reading order:
     Config, PRESETS        every knob, with the paper's recipe per --arch
@@ -47,29 +47,31 @@ from tqdm import tqdm
 import vit
 from data import (GlobalBatchCollate, GlobalBatchSampler, ImageFolderDataset, MaskingGenerator, MultiCropAugmentation,
                   MultiCropDataset, SyntheticDataset)
-from losses import DINOHead, SoftmaxCentering, dino_loss, ibot_loss, koleo_loss, sinkhorn_knopp
+from losses import (CollapseAlarm, DINOHead, SoftmaxCentering, dino_loss, ibot_loss, koleo_loss, sinkhorn_knopp,
+                    teacher_diagnostics)
 
 
 # -----------------------------------------------------------------------------------------------------------------
-# Config: defaults = the paper's default recipe (RECIPE §5, ssl_default_config); PRESETS override per --arch.
+# Config: defaults = the paper's default recipe (released `configs/ssl_default_config.yaml`); PRESETS override per --arch.
 
 @dataclass
 class Config:
     # model
     arch: str = "vit_tiny"  # vit_tiny | vit_small | vit_base | vit_large | vit_giant2 (aliases vit_t/s/b/l/g)
     patch_size: int = 14  # every released model uses 14
+    depth: int = 0  # transformer blocks; 0 = the arch's own (12 for vit_tiny / s / b)
     num_registers: int = 0  # register tokens (4 = the "_reg" models)
     ffn: str = "auto"  # mlp | swiglu | auto (SwiGLU for vit_giant2 only, as released)
     drop_path: float = 0.3  # uniform stochastic depth of the student (0.4 for vit_l / vit_g)
     layerscale: float = 1e-5  # LayerScale init
-    # heads (RECIPE §3)
+    # heads (`dino` / `ibot` keys of the config)
     n_prototypes: int = 65536  # K of the DINO head
     head_hidden_dim: int = 2048
     head_bottleneck_dim: int = 256
     separate_ibot_head: bool = False  # untied iBOT head (True for vit_l / vit_g)
     ibot_n_prototypes: int = 65536
     ibot_bottleneck_dim: int = 256
-    # objective (RECIPE §4)
+    # objective (paper §4)
     centering: str = "softmax"  # softmax (EMA centre) | sinkhorn_knopp (the released vit_l / vit_g)
     dino_weight: float = 1.0
     ibot_weight: float = 1.0
@@ -78,7 +80,7 @@ class Config:
     teacher_temp: float = 0.07  # after the warm-up
     warmup_teacher_temp: float = 0.04
     warmup_teacher_temp_epochs: float = 30
-    # data (RECIPE §2)
+    # data (`crops` keys)
     data: str = ""  # an image folder (class sub-folders or flat) or a .txt file list; "" = synthetic images
     synthetic_images: int = 2000  # size of the synthetic dataset when --data is empty
     synthetic_size: int = 128  # its image side in pixels
@@ -87,11 +89,13 @@ class Config:
     n_local: int = 8
     global_scale: tuple = (0.32, 1.0)
     local_scale: tuple = (0.05, 0.32)
+    hue_jitter: float = 0.1  # colour-jitter hue range (+-); 0.5 draws any hue, so colour cannot match two views
+    p_grayscale: float = 0.2  # probability that a crop is turned grey
     blur: str = "paper"  # paper (p 1.0 / 0.1 / 0.5) | released (the released code's 0.0 / 0.9 / 0.5)
     mask_probability: float = 0.5  # fraction of global crops that get an iBOT mask
     mask_ratio: tuple = (0.1, 0.5)  # range of masked-patch ratios, stratified over the batch
     num_workers: int = -1  # data loader workers per rank (-1 = auto)
-    # optimisation (RECIPE §5); an "epoch" is epoch_length iterations, whatever the dataset size
+    # optimisation (`optim`, `teacher`, `train` keys); an "epoch" is epoch_length iterations, whatever the dataset size
     batch_size: int = 64  # per rank
     epochs: float = 100
     epoch_length: int = 1250
@@ -119,6 +123,9 @@ class Config:
     save_every: int = 1250  # iterations between checkpoints
     keep_last: int = 3  # checkpoints kept
     log_every: int = 10
+    monitor_every: int = 0  # steps between online k-NN checks of the teacher backbone (0 = off)
+    monitor_data: str = ""  # labelled folder (class sub-folders) for the k-NN monitor; "" = held-out synthetic images
+    monitor_images: int = 500  # images in the monitor's bank, and as many held-out queries
     resume: bool = True  # resume from the latest checkpoint in --out
 
 
@@ -178,7 +185,7 @@ def parse_config(cls=Config, presets=PRESETS, argv=None, description=__doc__):
 
 
 # -----------------------------------------------------------------------------------------------------------------
-# Schedules: plain arrays indexed by the iteration (RECIPE §5), so they can be printed and plotted.
+# Schedules: plain arrays indexed by the iteration (released `dinov2/train/train.py`), so they can be printed and plotted.
 
 def cosine_schedule(base, final, total, warmup=0, start_warmup=0.0):
     """Linear warm-up that includes the peak (np.linspace), then a half cosine from base to final."""
@@ -209,7 +216,7 @@ def make_schedules(cfg, world_size=1):
 
 
 # -----------------------------------------------------------------------------------------------------------------
-# Parameter groups (RECIPE §5): each parameter gets an lr multiplier, a weight-decay multiplier and a last-layer flag.
+# Parameter groups (released `utils/param_groups.py`): each parameter gets an lr multiplier, a weight-decay multiplier and a last-layer flag.
 
 def param_groups(student, cfg):
     """AdamW groups of the student, merged by (lr_mult, wd_mult, is_last_layer, is_backbone)."""
@@ -245,7 +252,7 @@ def apply_schedules(optimizer, sched, step):
 
 
 # -----------------------------------------------------------------------------------------------------------------
-# The model pair. Student and teacher share one structure; the teacher is an EMA of the student (RECIPE §5 "EMA").
+# The model pair. Student and teacher share one structure; the teacher is an EMA of the student (paper §4).
 
 class SSLModel(nn.Module):
     """A backbone with a DINO head on the cls token and an iBOT head on masked patch tokens (tied or untied)."""
@@ -270,11 +277,12 @@ class SSLModel(nn.Module):
         if local_crops is not None and local_crops.shape[0] > 0:  # one pass for all local crops
             all_cls = torch.cat([cls, self.backbone.forward_features(local_crops)["x_norm_clstoken"]])  # ((2+L)B, D)
         logits = self.dino_head(all_cls)  # ((2+L)B, K): one head call for global and local crops
-        patches = g["x_norm_patchtokens"].flatten(0, 1)[mask_indices]  # (M, D): masked positions only
-        patch_head = self.dino_head if self.ibot_head is None else self.ibot_head
-        patch_logits = patch_head(patches)  # (M, K)
-        return dict(cls=cls, global_logits=logits[:n_global], local_logits=logits[n_global:],
-                    patch_logits=patch_logits)
+        out = dict(cls=cls, global_logits=logits[:n_global], local_logits=logits[n_global:])
+        if mask_indices is not None:  # None: cls only (the k-NN monitor)
+            patches = g["x_norm_patchtokens"].flatten(0, 1)[mask_indices]  # (M, D): masked positions only
+            patch_head = self.dino_head if self.ibot_head is None else self.ibot_head
+            out["patch_logits"] = patch_head(patches)  # (M, K)
+        return out
 
 
 def build_ssl_model(cfg, drop_path):
@@ -283,7 +291,8 @@ def build_ssl_model(cfg, drop_path):
     interp = dict(interpolate_antialias=True, interpolate_offset=0.0) if cfg.num_registers else {}
     backbone = vit.build_model(cfg.arch, img_size=cfg.global_size, patch_size=cfg.patch_size, ffn_layer=ffn,
                                init_values=cfg.layerscale, drop_path_rate=drop_path,
-                               num_register_tokens=cfg.num_registers, **interp)
+                               num_register_tokens=cfg.num_registers, **interp,
+                               **({"depth": cfg.depth} if cfg.depth else {}))
     D = backbone.embed_dim
     dino_head = DINOHead(D, cfg.n_prototypes, cfg.head_hidden_dim, cfg.head_bottleneck_dim)
     ibot_head = (DINOHead(D, cfg.ibot_n_prototypes, cfg.head_hidden_dim, cfg.ibot_bottleneck_dim)
@@ -292,7 +301,7 @@ def build_ssl_model(cfg, drop_path):
 
 
 def init_ssl_model(model):
-    """Initialise every parameter (after to_empty() of a meta-device build), as RECIPE §1.1 / §3 say."""
+    """Initialise every parameter (after to_empty() of a meta-device build), as the released `init_weights` of the ViT and the DINO head do."""
     model.backbone.init_weights()
     for head in (model.dino_head, model.ibot_head):
         if head is not None:
@@ -406,6 +415,7 @@ def build_data(cfg, rank, world, start_step, device):
     augment = MultiCropAugmentation(global_size=cfg.global_size, local_size=cfg.local_size, n_local=cfg.n_local,
                                     global_scale=tuple(cfg.global_scale), local_scale=tuple(cfg.local_scale),
                                     blur=cfg.blur)
+    augment.hue, augment.p_grayscale = cfg.hue_jitter, cfg.p_grayscale
     grid = cfg.global_size // cfg.patch_size
     masking = MaskingGenerator(input_size=(grid, grid), max_num_patches=int(0.5 * grid * grid))
     collate = GlobalBatchCollate(masking, tuple(cfg.mask_ratio), cfg.mask_probability, cfg.batch_size, world,
@@ -418,8 +428,34 @@ def build_data(cfg, rank, world, start_step, device):
     return loader, len(images)
 
 
+def build_monitor(cfg, n_images):
+    """The online k-NN monitor (evaluate.KnnMonitor) on a labelled split, or None when it is off.
+
+    Synthetic data: a bank of training images and as many images of another seed, which training never sees.
+    --monitor-data (or --data when it has class sub-folders): its images split in two halves by a fixed shuffle.
+    """
+    if cfg.monitor_every <= 0 or cfg.monitor_images <= 0:
+        return None
+    from evaluate import KnnMonitor  # evaluation code, only imported when the monitor is on
+    n = cfg.monitor_images
+    folder = cfg.monitor_data or cfg.data
+    if folder:
+        images = ImageFolderDataset(folder)
+        if len(images.classes) < 2:
+            print0(f"k-NN monitor off: {folder} has no class sub-folders (pass --monitor-data FOLDER with them)")
+            return None
+        order = np.random.default_rng(cfg.seed).permutation(len(images))
+        bank, queries = (torch.utils.data.Subset(images, order[half::2][:n].tolist()) for half in (0, 1))
+        n_classes = len(images.classes)
+    else:
+        bank = SyntheticDataset(n=min(n, n_images), size=cfg.synthetic_size, seed=cfg.seed)
+        queries = SyntheticDataset(n=n, size=cfg.synthetic_size, seed=cfg.seed + 1)
+        n_classes = bank.n_classes
+    return KnnMonitor(bank, queries, n_classes, cfg.global_size, cfg.patch_size)
+
+
 # -----------------------------------------------------------------------------------------------------------------
-# One step of the objective (RECIPE §4): the teacher's targets on unmasked global crops, the student's predictions
+# One step of the objective (paper §4, released `SSLMetaArch.forward_backward`): the teacher's targets on unmasked global crops, the student's predictions
 # on masked global crops and local crops, then DINO (cls, cross-view), iBOT (masked patches) and KoLeo.
 
 def ssl_losses(student, teacher, centers, batch, teacher_temp, cfg):
@@ -442,16 +478,8 @@ def ssl_losses(student, teacher, centers, batch, teacher_temp, cfg):
     return losses, t_cls
 
 
-def teacher_diagnostics(t_cls):
-    """Collapse watch: the teacher's mean entropy (0 = one-hot) and how many prototypes win at least one crop."""
-    p = t_cls.float()
-    entropy = -(p * p.clamp_min(1e-12).log()).sum(-1).mean()
-    used = torch.zeros(p.shape[-1], device=p.device).index_fill_(0, p.argmax(-1), 1.0).sum()
-    return entropy, used
-
-
 def clip_gradients(parts, max_norm):
-    """Clip each student part on its own (RECIPE §5), returning the norms before clipping (no host sync)."""
+    """Clip each student part on its own (released `clip_grad` per part), returning the norms before clipping (no host sync)."""
     norms = {}
     for name, module in parts.items():
         params = [p for p in module.parameters() if p.grad is not None]
@@ -666,6 +694,9 @@ def fit(cfg, rank, world, device, strategy, student_p, student, teacher, ema, ex
         print0(f"resumed from {latest} at step {start}")
 
     loader, n_images = build_data(cfg, rank, world, start, device)
+    monitor = build_monitor(cfg, n_images)  # every rank runs it: an FSDP teacher needs all of them for a forward
+    alarm = CollapseAlarm(cfg.n_prototypes, window=max(20, total // 10))  # a tenth of the run, 20 steps at least
+    knn = None  # the monitor's last k-NN top-1
     autocast = autocast_for(device, strategy)
     flops = flops_per_image(student.backbone, cfg) * cfg.batch_size  # per rank and step
     peak = peak_flops(device)
@@ -674,6 +705,9 @@ def fit(cfg, rank, world, device, strategy, student_p, student, teacher, ema, ex
         print(f"derived: world {world}, strategy {strategy}, device {device}, global batch {cfg.batch_size * world}, "
               f"peak lr {sched['lr'].max():.3g}, iterations {total}, images {n_images}, "
               f"train GFLOPs/image {flops / cfg.batch_size / 1e9:.2f}", flush=True)
+        if monitor is not None:
+            print(f"k-NN monitor: every {cfg.monitor_every} steps, {len(monitor.labels[0])} bank images, "
+                  f"{len(monitor.labels[1])} queries; raw-pixel k-NN on the same split {monitor.raw_pixels:.1f}%")
         metrics_path = out / "metrics.jsonl"
         if metrics_path.exists():  # keep the history up to the resumed step
             rows = [r for r in metrics_path.read_text().splitlines() if r and json.loads(r)["step"] <= start]
@@ -707,7 +741,8 @@ def fit(cfg, rank, world, device, strategy, student_p, student, teacher, ema, ex
             bar.update(1)
 
             last = step + 1 == total
-            if (step + 1) % cfg.log_every == 0 or last or (stop.requested and not is_dist()):
+            monitor_now = monitor is not None and ((step + 1) % cfg.monitor_every == 0 or last)
+            if (step + 1) % cfg.log_every == 0 or last or monitor_now or (stop.requested and not is_dist()):
                 stats = torch.cat([running, torch.tensor([float(stop.requested)], device=device)])
                 if is_dist():
                     dist.all_reduce(stats)  # sums over ranks; a stop asked on any rank stops all of them
@@ -733,12 +768,23 @@ def fit(cfg, rank, world, device, strategy, student_p, student, teacher, ema, ex
                     if peak:
                         row["mfu"] = n_steps * flops / (now - t_last) / peak
                 running.zero_()
-                t_last = now
+                alert = alarm.update(step + 1, entropy, int(used), t_cls.shape[0])
+                if alert:
+                    row["alarm"] = alert
+                    if rank == 0:
+                        tqdm.write(alert)
+                if monitor_now:  # after the throughput figure, which it must not count
+                    with autocast:
+                        knn = monitor(lambda x: ema(x)["cls"], device)
+                    row.update(knn_top1=knn, knn_raw_pixels=monitor.raw_pixels,
+                               monitor_s=time.perf_counter() - now)
+                t_last = time.perf_counter()
                 if rank == 0:
                     with open(out / "metrics.jsonl", "a") as f:
                         f.write(json.dumps(row) + "\n")
                     bar.set_postfix(loss=f"{row['loss']:.3f}", dino=f"{means['dino_global'] + means['dino_local']:.3f}",
-                                    ibot=f"{means['ibot']:.3f}", koleo=f"{means['koleo']:.3f}")
+                                    ibot=f"{means['ibot']:.3f}", koleo=f"{means['koleo']:.3f}",
+                                    **({} if knn is None else {"knn": f"{knn:.1f}%"}))
             if (step + 1) % cfg.save_every == 0 or last or stopping:
                 path = ckpt.save(step + 1, student, ema, optimizer, centers, cfg)
                 ckpt.export(ema, cfg, export)

@@ -1,10 +1,10 @@
 """Pictures of a DINOv2 backbone: PCA maps of patch features, cls attention, training schedules and curves.
 
-Paper §7 qualitative results and Figure 1 (../shared/reference/RECIPE.md §7, "PCA feature maps"; not in the released
+Paper §7 qualitative results and Figure 1 ("PCA of patch features"; not in the released
 code): PCA of the patch features of a batch of images; the first component, thresholded, separates foreground from
 background; a second PCA with 3 components fitted on the foreground patches of ALL images jointly (one basis, so the
 same part gets the same colour in every image) is shown as RGB. Optionally the last block's cls->patch attention of
-each head (registers excluded), and the schedules (§5 of RECIPE) or loss curves of a training run.
+each head (registers excluded), and the schedules (paper §5, released `ssl_default_config.yaml`) or loss curves of a training run.
 
 Public names, in reading order:
     resize_to_patches, collect_images        -- any image, any aspect ratio, to a whole number of patches
@@ -205,7 +205,7 @@ def read_metrics(path) -> list:
 
 
 def _is_curve(key: str) -> bool:
-    return key == "lr" or key.startswith("loss") or key.endswith("loss") or key.startswith(LOSS_TERMS)
+    return key in ("lr", "teacher_entropy") or key.startswith("loss") or key.endswith("loss") or key.startswith(LOSS_TERMS)
 
 
 def plot_curves(run_dir: str, out: str) -> Path:
@@ -218,6 +218,8 @@ def plot_curves(run_dir: str, out: str) -> Path:
     keys = list(dict.fromkeys(k for r in rows for k, v in r.items()  # first-seen order, loss terms first, lr last
                               if _is_curve(k) and isinstance(v, (int, float)) and not isinstance(v, bool)))
     keys = sorted(keys, key=lambda k: k == "lr")
+    if any("knn_top1" in r for r in rows):
+        keys.insert(0, "knn_top1")  # the online k-NN monitor first: it is what says the run learns
     if not keys:
         raise SystemExit(f"--curves: no loss terms or lr in {path}")
     n_cols = min(3, len(keys))
@@ -227,8 +229,14 @@ def plot_curves(run_dir: str, out: str) -> Path:
         # A key may be missing from some rows (e.g. a loss term switched off): plot only where it is present.
         pts = [(r.get("step", i), r[key]) for i, r in enumerate(rows)
                if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
-        ax.plot(*zip(*pts))
+        ax.plot(*zip(*pts), marker="o" if key == "knn_top1" else None, markersize=3)
         ax.set_title(key, fontsize=9)
+        if key == "knn_top1":
+            ax.set_title("k-NN top-1 % (teacher)", fontsize=9)
+            raw = [r["knn_raw_pixels"] for r in rows if isinstance(r.get("knn_raw_pixels"), (int, float))]
+            if raw:
+                ax.axhline(raw[-1], color="gray", linestyle="--", label=f"raw pixels {raw[-1]:.1f}")
+                ax.legend(fontsize=7)
         ax.set_xlabel("step")
     for ax in list(axes.flat)[len(keys):]:
         ax.axis("off")

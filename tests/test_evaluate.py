@@ -306,6 +306,7 @@ def test_cli_json(tmp_path):
     for name in ("backbone", "random_baseline"):
         assert set(res[name]["knn"]) == {"5", "10"}
         assert 0 <= res[name]["segmentation"]["miou"] <= 100
+    assert set(res["raw_pixels"]["knn"]) == {"5", "10"} and "raw pixels" in proc.stdout  # the floor, always
     assert 0 <= res["backbone"]["linear"]["best"]["val_top1"] <= 100
     assert "linear" not in res["random_baseline"]
     assert len(numbers(res)) > 50 and all(math.isfinite(x) for x in numbers(res))
@@ -317,3 +318,44 @@ def test_cli_rejects_unknown_flags(capsys):
     assert "unrecognized arguments" in capsys.readouterr().err
     cfg = evaluate.parse_config(["--ks", "5", "10", "--no-baseline", "--size", "98"])
     assert cfg.ks == (5, 10) and cfg.baseline is False and cfg.size == 98 and cfg.weights is None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Raw pixels and the online monitor
+
+
+class SolidColours(torch.utils.data.Dataset):
+    """Class c = one of four colours, with a per-image brightness offset (a nuisance the mean removal cancels)."""
+    COLOURS = [(200, 40, 40), (40, 200, 40), (40, 40, 200), (200, 200, 40)]
+
+    def __init__(self, n, seed):
+        rng = np.random.default_rng(seed)
+        self.targets = [i % 4 for i in range(n)]
+        self.offsets = rng.integers(-30, 31, size=n)
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        rgb = np.array(self.COLOURS[self.targets[i]]) + self.offsets[i]
+        return Image.fromarray(np.full((20, 20, 3), rgb, dtype=np.uint8)), self.targets[i]
+
+
+def test_raw_pixel_features_remove_each_image_mean():
+    ds = SolidColours(8, seed=0)
+    x = evaluate.raw_pixel_features(ds, side=6)
+    assert x.shape == (8, 3 * 6 * 6)
+    for i in range(8):
+        rgb = np.array(SolidColours.COLOURS[ds.targets[i]]) + ds.offsets[i]
+        expected = np.tile(rgb - rgb.mean(), 6 * 6)  # channels-last, flattened: r g b r g b ...
+        np.testing.assert_allclose(x[i].numpy(), expected, atol=1e-3)
+
+
+def test_knn_monitor_scores_a_perfect_and_a_useless_embedding():
+    bank, queries = SolidColours(40, seed=0), SolidColours(20, seed=1)
+    monitor = evaluate.KnnMonitor(bank, queries, n_classes=4, size=14, patch=7, batch_size=16)
+    assert monitor.images[0].shape == (40, 3, 14, 14) and monitor.raw_pixels == 100.0  # colour = class here
+    mean_colour = lambda x: x.mean(dim=(2, 3))  # (B, 3): separates the four colours
+    assert monitor(mean_colour, "cpu") == 100.0
+    constant = lambda x: torch.ones(len(x), 3)  # every image the same: the top-k is the first k of the bank
+    assert monitor(constant, "cpu") < 50.0

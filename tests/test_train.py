@@ -1,4 +1,4 @@
-"""train.py: schedules and parameter groups against RECIPE §5's numbers, the EMA, a real run (finite terms, teacher
+"""train.py: schedules and parameter groups against the released config's numbers, the EMA, a real run (finite terms, teacher
 untouched by the optimizer), exact resume, DDP and FSDP2 under torchrun (gloo) against one process, fault handling."""
 import math
 import os
@@ -52,7 +52,7 @@ def run_script(args, nproc=1, timeout=240, script="train.py"):
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# Schedules and parameter groups: the numbers of RECIPE §5 (default config, global batch 1024 -> peak lr 0.004)
+# Schedules and parameter groups: the numbers of the released ssl_default_config (default, global batch 1024 -> peak lr 0.004)
 
 def test_schedules_match_released_values():
     cfg = Config(arch="vit_small", batch_size=64)
@@ -317,3 +317,23 @@ def test_fsdp_meta_device_init(tmp_path):
     half = w.shape[0] // 2
     assert not torch.allclose(w[:half], w[half:])  # each shard got its own random numbers
     assert 0.015 < w.std().item() < 0.025 and 0.015 < sd["pos_embed"].std().item() < 0.025  # trunc_normal(0.02)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The k-NN monitor and the collapse alarm, in a real run
+
+def test_monitor_rows_and_alarm_on_a_forced_uniform_teacher(tmp_path):
+    import json
+    # A teacher temperature of 100 flattens every target (logits are cosines in [-1, 1]): the uniform collapse.
+    args = TINY + ["--out", str(tmp_path), "--epoch-length", "24", "--log-every", "4", "--save-every", "100",
+                   "--monitor-every", "12", "--monitor-images", "24", "--teacher-temp", "100",
+                   "--warmup-teacher-temp", "100"]
+    proc = run_script(args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("collapse alarm") == 1 and "uniform" in proc.stdout  # once, and named
+    rows = [json.loads(r) for r in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    knn_rows = [r for r in rows if "knn_top1" in r]
+    assert [r["step"] for r in knn_rows] == [12, 24]
+    assert all(0 <= r["knn_top1"] <= 100 and r["knn_raw_pixels"] == knn_rows[0]["knn_raw_pixels"] for r in knn_rows)
+    assert sum("alarm" in r for r in rows) == 1
+    assert (tmp_path / "loss.png").is_file()
