@@ -5,25 +5,33 @@ trained in §4 (with the mask token of the iBOT patch objective and position-emb
 resolutions) and §5's efficient implementation (ViT-g with 1536 dims / 24 heads of 64 and a SwiGLU FFN, the
 batch-subset "efficient stochastic depth"); register tokens from "Vision Transformers Need Registers" (Darcet et
 al., 2023). Parameter names equal those of the released torch.hub backbones, so the
-official weights load with strict=True (see ../shared/reference/RECIPE.md §1 for every number used here).
+official weights load with strict=True (every number here is the released `dinov2/models/vision_transformer.py`'s
+and `dinov2/layers/*`'s).
+
+The same weights also load from and export to the layouts of Hugging Face transformers (Dinov2Model,
+Dinov2WithRegistersModel) and timm (vit_*_patch14_dinov2), without importing either library.
 
 Public names, in reading order:
     PatchEmbed, Attention, Mlp, SwiGLUFFN, LayerScale, drop_path, drop_add_residual_stochastic_depth, Block,
     resample_pos_embed, VisionTransformer,
     vit_tiny, vit_small, vit_base, vit_large, vit_giant2, ARCHS, ARCH_BY_WIDTH, build_model,
-    backbone_state_dict_from, load_pretrained, from_pretrained, Config, main
+    read_checkpoint, LAYOUTS, checkpoint_layout, hub_to_hf, hf_to_hub, hub_to_timm, timm_to_hub, hf_config,
+    timm_create_call, export, backbone_state_dict_from, load_pretrained, from_pretrained, Config, main
 
-Command (parameter count and forward FLOPs of one image):
+Commands (parameter count and forward FLOPs of one image; a checkpoint written in another layout):
     python vit.py --arch vit_s --size 224
+    python vit.py --convert runs/train/teacher_backbone.pth --to hf --out runs/train/teacher_hf
 
 Shapes: B batch, N tokens, D width, H heads, Dh head dim, R registers.
 """
 import argparse
+import json
 import math
 import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.utils.checkpoint
@@ -163,8 +171,8 @@ class Block(nn.Module):
     def forward(self, x):  # (B, N, D) -> (B, N, D)
         p = self.drop_path_rate
         if self.training and p > 0.1:
-            # Large rates: skip the compute of the dropped samples (RECIPE §1.3); attention and FFN draw
-            # their subsets independently.
+            # Large rates: skip the compute of the dropped samples (released
+            # `drop_add_residual_stochastic_depth`); attention and FFN draw their subsets independently.
             x = drop_add_residual_stochastic_depth(x, self.attn_residual, p)
             x = drop_add_residual_stochastic_depth(x, self.ffn_residual, p)
         else:
@@ -179,7 +187,7 @@ class Block(nn.Module):
 
 def resample_pos_embed(pos_embed, grid_hw, interpolate_offset=0.1, interpolate_antialias=False):
     """Resize the square patch grid of a (1, 1+M*M, D) pos-embed to grid_hw = (h, w) with bicubic interpolation;
-    the cls position is kept. Two modes, exactly as released (RECIPE §1.2):
+    the cls position is kept. Two modes, exactly as released (`interpolate_pos_encoding`):
       - offset > 0 (models without registers): scale_factor=((h+offset)/M, (w+offset)/M). The scale factor, not
         the size, sets the sampling positions, so this is NOT the same as size=(h, w) (a kludge from DINO v1).
       - offset == 0 (register models): size=(h, w), usually with antialias=True.
@@ -358,7 +366,7 @@ class VisionTransformer(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Architectures (RECIPE §1.1). Head dim 64 throughout; patch 14 for every released model.
+# Architectures (released `vits.vit_*`). Head dim 64 throughout; patch 14 for every released model.
 
 
 def vit_tiny(**kwargs):
@@ -399,7 +407,312 @@ def build_model(arch, **kwargs):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Loading checkpoints: the released hub files, the released training layout, and our own files
+# Reading checkpoint files: torch files, .safetensors files and Hugging Face folders
+
+
+def _safetensors(why):
+    """The safetensors.torch module. safetensors is optional (only .safetensors files and Hugging Face folders need
+    it), so its absence is a clear error that names the package."""
+    try:
+        import safetensors.torch
+    except ImportError:
+        raise ImportError(f"{why} needs the safetensors package, which is not installed: pip install safetensors"
+                          ) from None
+    return safetensors.torch
+
+
+def _read_hf_folder(folder):
+    """A Hugging Face model folder (what save_pretrained writes: config.json + model.safetensors or pytorch_model.bin,
+    sharded or not) -> its state dict. config.json must describe a DINOv2 with 64-dim heads (every arch here)."""
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise ValueError(f"{folder} is a folder without config.json, so not a Hugging Face model folder")
+    config = json.loads(config_path.read_text())
+    if config.get("model_type") not in ("dinov2", "dinov2_with_registers"):
+        raise ValueError(f"{config_path}: model_type {config.get('model_type')!r} is not a DINOv2 model "
+                         "('dinov2' or 'dinov2_with_registers')")
+    D, H = config.get("hidden_size"), config.get("num_attention_heads")
+    if not D or not H or H * 64 != D:
+        raise ValueError(f"{config_path}: {H} attention heads for width {D}; the archs here have heads of 64 dims")
+    present = [name for name in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                                 "pytorch_model.bin.index.json") if (folder / name).is_file()]
+    if not present:
+        raise ValueError(f"{folder}: config.json but no weights (model.safetensors, pytorch_model.bin or a sharded "
+                         f".index.json); the folder holds: {_list_keys(p.name for p in folder.iterdir())}")
+    try:
+        _safetensors("")
+    except ImportError:  # without the package, a folder that also has the torch files (hub repos often do) uses them
+        present = [name for name in present if "safetensors" not in name] or present
+    path = folder / present[0]
+    if path.name.endswith(".index.json"):  # sharded: {"weight_map": {tensor name: shard file name}}
+        sd = {}
+        for shard in sorted(set(json.loads(path.read_text())["weight_map"].values())):
+            sd.update(read_checkpoint(folder / shard))
+        return sd
+    return read_checkpoint(path)
+
+
+def read_checkpoint(path):
+    """What a path holds, on the CPU: a Hugging Face folder's state dict, a .safetensors file's (through the
+    safetensors package), or whatever torch.load reads with weights_only=True (.pth, .pt, .bin)."""
+    path = Path(path)
+    if path.is_dir():
+        return _read_hf_folder(path)
+    if path.suffix == ".safetensors":
+        return _safetensors(f"reading {path}").load_file(str(path), device="cpu")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The same weights in the layouts of Hugging Face transformers and timm. Every name below is a fact of those
+# libraries' modules (transformers' modeling_dinov2.py / modeling_dinov2_with_registers.py and the released-to-HF
+# script convert_dinov2_to_hf.py; timm's vision_transformer.py and its _convert_dinov2), none of which is imported.
+
+# hub name -> transformers' Dinov2Model / Dinov2WithRegistersModel name; a key is the name or a prefix of it.
+_HF_TOP = {"cls_token": "embeddings.cls_token", "mask_token": "embeddings.mask_token",
+           "pos_embed": "embeddings.position_embeddings", "register_tokens": "embeddings.register_tokens",
+           "patch_embed.proj": "embeddings.patch_embeddings.projection", "norm": "layernorm"}
+# inside a block, blocks.<i>.<hub name> <-> encoder.layer.<i>.<HF name>. attn.qkv is handled apart (_HF_PARTS).
+_HF_BLOCK = {"norm1": "norm1", "attn.proj": "attention.output.dense", "ls1.gamma": "layer_scale1.lambda1",
+             "norm2": "norm2", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2", "mlp.w12": "mlp.weights_in",
+             "mlp.w3": "mlp.weights_out", "ls2.gamma": "layer_scale2.lambda1"}
+# Reading also takes the names of transformers 5's refactored modules: its SwiGLU is Llama-style (gate_proj = the
+# gated half x1 of w12, up_proj = x2, down_proj = w3); q/k/v/o_proj, the attention names of its other refactored
+# vision models (DINOv3), are taken in case its DINOv2 attention adopts them. Export writes the 4.x names, which
+# 5.x reads too (the DINOv2 files on the hub carry them).
+_HF_BLOCK_READ = {**{hf: hub for hub, hf in _HF_BLOCK.items()}, "attention.o_proj": "attn.proj",
+                  "mlp.down_proj": "mlp.w3"}
+# HF names that are row blocks of one hub tensor: HF name -> (hub name, index, count), concatenated along dim 0.
+# attn.qkv's rows are [q; k; v] (the (3, H, Dh) split in Attention).
+_HF_PARTS = {"attention.attention.query": ("attn.qkv", 0, 3), "attention.attention.key": ("attn.qkv", 1, 3),
+             "attention.attention.value": ("attn.qkv", 2, 3), "attention.q_proj": ("attn.qkv", 0, 3),
+             "attention.k_proj": ("attn.qkv", 1, 3), "attention.v_proj": ("attn.qkv", 2, 3),
+             "mlp.gate_proj": ("mlp.w12", 0, 2), "mlp.up_proj": ("mlp.w12", 1, 2)}
+
+LAYOUTS = ("the released hub layout (cls_token, pos_embed, mask_token, patch_embed.proj.*, blocks.<i>.*, norm.*); "
+           "transformers' Dinov2Model / Dinov2WithRegistersModel (embeddings.*, encoder.layer.<i>.*, layernorm.*, "
+           "maybe under dinov2.); timm's vit_*_patch14_dinov2 (cls_token, reg_token, pos_embed, blocks.<i>.*, "
+           "no mask_token)")
+
+
+def _rename(name, table):
+    """name with its longest table key (the whole name, or a prefix followed by '.') replaced; None if none fits."""
+    for old in sorted(table, key=len, reverse=True):
+        if name == old or name.startswith(old + "."):
+            return table[old] + name[len(old):]
+    return None
+
+
+def _block_ids(sd):
+    return sorted({int(k.split(".")[1]) for k in sd if k.startswith("blocks.")})
+
+
+def _packed_swiglu(sd, i):
+    """Whether timm block i's FFN is its packed SwiGLU: fc2 reads half of fc1's outputs (an MLP's fc2 reads all)."""
+    fc1, fc2 = sd.get(f"blocks.{i}.mlp.fc1.weight"), sd.get(f"blocks.{i}.mlp.fc2.weight")
+    return fc1 is not None and fc2 is not None and fc1.shape[0] == 2 * fc2.shape[1]
+
+
+def _with_layerscale(sd):
+    """sd plus a gamma of ones (the identity) for each missing LayerScale: transformers' and timm's DINOv2 blocks
+    always have one, so a model built with init_values=None still exports to them."""
+    out, D = dict(sd), sd["cls_token"].shape[-1]
+    for i in _block_ids(sd):
+        for name in ("ls1.gamma", "ls2.gamma"):
+            out.setdefault(f"blocks.{i}.{name}", torch.ones(D, dtype=sd["cls_token"].dtype))
+    return out
+
+
+_VIT_KEYS = {"cls_token", "pos_embed", "patch_embed.proj.weight"}  # what every layout has, in hub names
+
+
+def checkpoint_layout(sd):
+    """The layout of a state dict, told by its keys: 'hf', 'timm' or 'hub'; None if it is none of them. timm's layout
+    differs from the hub's in details only, so any of them decides: reg_token, no mask_token, a packed SwiGLU."""
+    if any(k.startswith(("embeddings.", "encoder.layer.")) for k in sd):
+        return "hf"
+    if not _VIT_KEYS <= sd.keys():
+        return None
+    if "reg_token" in sd or "mask_token" not in sd or _packed_swiglu(sd, 0):
+        return "timm"
+    return "hub"
+
+
+def hub_to_hf(sd):
+    """Hub layout -> transformers' Dinov2Model layout (Dinov2WithRegistersModel's when there are register tokens):
+    renames (_HF_TOP, _HF_BLOCK), and each attn.qkv cut into its query, key and value rows."""
+    out = {}
+    for k, v in _with_layerscale(sd).items():
+        block = re.match(r"blocks\.(\d+)\.(.+)", k)
+        if block and block[2].startswith("attn.qkv."):
+            param = block[2].rsplit(".", 1)[1]  # weight (3D, D) or bias (3D,)
+            for name, rows in zip(("query", "key", "value"), v.chunk(3, dim=0)):  # each (D, D) or (D,)
+                # a copy: views of one tensor would share storage, which safetensors refuses to write
+                out[f"encoder.layer.{block[1]}.attention.attention.{name}.{param}"] = rows.clone()
+            continue
+        new = _rename(block[2], _HF_BLOCK) if block else _rename(k, _HF_TOP)
+        if new is None:
+            raise ValueError(f"{k} is not a name of the hub layout, so it has no Hugging Face name")
+        out[f"encoder.layer.{block[1]}.{new}" if block else new] = v
+    return out
+
+
+def hf_to_hub(sd):
+    """transformers' Dinov2Model / Dinov2WithRegistersModel layout (4.x or 5.x names, dinov2. prefix removed) ->
+    hub layout: the inverse of hub_to_hf. A checkpoint without mask token (use_mask_token=False) gets a zero one: it
+    only replaces masked patches in iBOT training, never at inference."""
+    out, parts, unknown = {}, {}, []
+    for k, v in sd.items():
+        block = re.match(r"encoder\.layer\.(\d+)\.(.+)", k)
+        stem, _, param = (block[2] if block else k).rpartition(".")
+        if block and stem in _HF_PARTS:
+            hub_name, index, count = _HF_PARTS[stem]
+            parts.setdefault((f"blocks.{block[1]}.{hub_name}.{param}", count), {})[index] = v
+            continue
+        new = _rename(block[2], _HF_BLOCK_READ) if block else _rename(k, {hf: hub for hub, hf in _HF_TOP.items()})
+        if new is None:
+            unknown.append(k)
+        else:
+            out[f"blocks.{block[1]}.{new}" if block else new] = v
+    if unknown:
+        raise ValueError(f"a Hugging Face layout (embeddings.*, encoder.layer.<i>.*) but not a DINOv2: "
+                         f"{len(unknown)} keys that no DINOv2 module has: {_list_keys(unknown)}")
+    for (key, count), got in parts.items():
+        if sorted(got) != list(range(count)):
+            raise ValueError(f"{key}: the checkpoint holds {len(got)} of its {count} parts")
+        out[key] = torch.cat([got[j] for j in range(count)], dim=0)  # (count * rows, ...)
+    if "mask_token" not in out and "cls_token" in out:
+        out["mask_token"] = out["cls_token"].new_zeros(1, out["cls_token"].shape[-1])  # (1, D)
+    return out
+
+
+def hub_to_timm(sd):
+    """Hub layout -> timm's vit_*_patch14_dinov2 / vit_*_patch14_reg4_dinov2 layout, the same as timm's own conversion
+    of the released files: w12/w3 -> fc1/fc2 unchanged (timm's SwiGLUPacked also gates the first half of fc1); no
+    mask_token (timm's ViT has none); with registers, register_tokens -> reg_token and the cls position folded into
+    cls_token, since those timm models (no_embed_class) give position embeddings to the patches only."""
+    registers = "register_tokens" in sd
+    out = {}
+    for k, v in _with_layerscale(sd).items():
+        if k == "mask_token":
+            continue
+        if registers and k == "cls_token":
+            v = v + sd["pos_embed"][:, :1]  # (1, 1, D)
+        elif registers and k == "pos_embed":
+            v = v[:, 1:].clone()  # (1, N, D); a copy so that a save does not carry the dropped row along
+        k = "reg_token" if k == "register_tokens" else k
+        out[re.sub(r"^(blocks\.\d+\.mlp\.)w(12|3)\.", lambda m: m[1] + ("fc1." if m[2] == "12" else "fc2."), k)] = v
+    return out
+
+
+def timm_to_hub(sd):
+    """timm's DINOv2 layout -> hub layout: the inverse of hub_to_timm. A pos_embed without cls position (a square
+    count: no_embed_class) gets a zero one, and cls_token, which holds that position, stays as it is: the tokens that
+    enter block 0 are then exactly timm's, at every input size. timm keeps no mask token; it is filled with zeros (it
+    only replaces masked patches in iBOT training, never at inference)."""
+    D = sd["cls_token"].shape[-1]
+    out = {}
+    for k, v in sd.items():
+        if k == "pos_embed" and math.isqrt(v.shape[1]) ** 2 == v.shape[1]:
+            v = torch.cat((v.new_zeros(1, 1, D), v), dim=1)  # (1, 1+N, D)
+        k = "register_tokens" if k == "reg_token" else k
+        ffn = re.match(r"blocks\.(\d+)\.mlp\.fc([12])\.(weight|bias)$", k)
+        if ffn and _packed_swiglu(sd, ffn[1]):
+            k = f"blocks.{ffn[1]}.mlp.{'w12' if ffn[2] == '1' else 'w3'}.{ffn[3]}"
+        out[k] = v
+    out.setdefault("mask_token", sd["cls_token"].new_zeros(1, D))  # (1, D)
+    return out
+
+
+def _describe(sd):
+    """(arch, depth, registers, native img_size, patch size) of a hub-layout state dict."""
+    p = sd["patch_embed.proj.weight"].shape[-1]
+    return (ARCH_BY_WIDTH.get(sd["cls_token"].shape[-1], "?"), len(_block_ids(sd)),
+            sd["register_tokens"].shape[1] if "register_tokens" in sd else 0,
+            math.isqrt(sd["pos_embed"].shape[1] - 1) * p, p)
+
+
+def hf_config(sd):
+    """config.json for transformers' Dinov2Model (Dinov2WithRegistersModel with registers) holding a hub-layout state
+    dict; the fields are those of its Dinov2Config / Dinov2WithRegistersConfig."""
+    D = sd["cls_token"].shape[-1]
+    _, depth, R, img_size, p = _describe(sd)
+    swiglu = "blocks.0.mlp.w12.weight" in sd
+    if swiglu:
+        # transformers sizes its SwiGLU from mlp_ratio by the released rule (as SwiGLUFFN here); ratio 4 is ViT-g's
+        mlp_ratio = 4
+        if (int(D * mlp_ratio * 2 / 3) + 7) // 8 * 8 != sd["blocks.0.mlp.w3.weight"].shape[1]:
+            raise ValueError(f"SwiGLU hidden width {sd['blocks.0.mlp.w3.weight'].shape[1]} is not the one "
+                             f"transformers derives from mlp_ratio 4 at width {D}")
+    else:
+        mlp_ratio = sd["blocks.0.mlp.fc1.weight"].shape[0] / D
+        mlp_ratio = int(mlp_ratio) if mlp_ratio.is_integer() else mlp_ratio
+    config = {
+        "architectures": ["Dinov2WithRegistersModel" if R else "Dinov2Model"],
+        "model_type": "dinov2_with_registers" if R else "dinov2",
+        "hidden_size": D, "num_hidden_layers": depth, "num_attention_heads": D // 64,  # heads of 64 dims throughout
+        "mlp_ratio": mlp_ratio, "use_swiglu_ffn": swiglu, "hidden_act": "gelu",  # exact (erf) GELU, as nn.GELU
+        "layer_norm_eps": 1e-6, "image_size": img_size, "patch_size": p, "num_channels": 3, "qkv_bias": True,
+        "layerscale_value": 1.0, "drop_path_rate": 0.0, "hidden_dropout_prob": 0.0,
+        "attention_probs_dropout_prob": 0.0, "initializer_range": 0.02,
+        "torch_dtype": str(sd["cls_token"].dtype).removeprefix("torch."),
+    }
+    config.update({"num_register_tokens": R} if R else {"use_mask_token": True})
+    return config
+
+
+def timm_create_call(sd):
+    """The timm.create_model(...) call whose model loads hub_to_timm(sd) with strict=True (for the FFN each arch
+    has by default: MLP ratio 4, SwiGLU for ViT-g). timm has no tiny DINOv2: its small one, at width 192 and 3 heads."""
+    arch, depth, R, img_size, p = _describe(sd)
+    D = sd["cls_token"].shape[-1]
+    size, timm_width, timm_depth = {"vit_base": ("base", 768, 12), "vit_large": ("large", 1024, 24),
+                                    "vit_giant2": ("giant", 1536, 40)}.get(arch, ("small", 384, 12))
+    args = [repr(f"vit_{size}_patch14_{'reg4_' if R else ''}dinov2"), "num_classes=0", f"img_size={img_size}"]
+    args += [f"embed_dim={D}", f"num_heads={D // 64}"] if D != timm_width else []
+    args += [f"depth={depth}"] if depth != timm_depth else []
+    args += [f"reg_tokens={R}"] if R not in (0, 4) else []
+    args += [f"patch_size={p}"] if p != 14 else []
+    return f"timm.create_model({', '.join(args)})"
+
+
+def _atomic(write, path):
+    """write(tmp) then rename, so that an interrupted export never leaves a half-written file under its name."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    write(str(tmp))
+    os.replace(tmp, path)
+
+
+def export(src, out, to="hub"):
+    """Write a backbone in one layout and return a line that says what was written and how to load it.
+    src: a VisionTransformer, or a state dict or path in any layout from_pretrained reads. to:
+      'hub'  -> out: a .pth of the released hub layout (the released code's load_state_dict reads it);
+      'hf'   -> out: a folder, config.json + model.safetensors, for transformers' Dinov2Model.from_pretrained
+                (Dinov2WithRegistersModel with registers); needs the safetensors package;
+      'timm' -> out: a .pth state dict for timm's vit_*_patch14_dinov2 (reg4) model, see timm_create_call."""
+    if to not in ("hub", "hf", "timm"):
+        raise ValueError(f"unknown layout {to!r}; known: 'hub', 'hf', 'timm'")
+    model = src if isinstance(src, nn.Module) else from_pretrained(src)  # strict: only a whole backbone is written
+    sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    out = Path(out)
+    if to == "hf":
+        st = _safetensors(f"writing {out / 'model.safetensors'}")  # before anything is written
+        _atomic(lambda tmp: st.save_file(hub_to_hf(sd), tmp, metadata={"format": "pt"}), out / "model.safetensors")
+        config = hf_config(sd)
+        (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        load = f"model = transformers.{config['architectures'][0]}.from_pretrained({str(out)!r})"
+    else:
+        _atomic(lambda tmp: torch.save(hub_to_timm(sd) if to == "timm" else sd, tmp), out)
+        load = (f"model = {timm_create_call(sd)}; model.load_state_dict(torch.load({str(out)!r}))" if to == "timm"
+                else f"model = vit.from_pretrained({str(out)!r})")
+    arch, depth, R, img_size, _ = _describe(sd)
+    return (f"wrote {out} ({to} layout): {arch}, {depth} blocks, {R} registers, native grid {img_size} px\n"
+            f"load with: {load}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading checkpoints into this model: any of the layouts above, the released training layout, our own files
 
 
 def _only_prefix(sd, prefix):
@@ -410,13 +723,15 @@ def _only_prefix(sd, prefix):
 
 
 def backbone_state_dict_from(obj):
-    """A path or a loaded object -> the backbone state dict in the hub layout (keys blocks.<i>.*). Accepts the hub
-    layout; {"teacher"|"model"|"student"|"backbone": sd} wrappers (the teacher first); flat `teacher.`/`student.` owners;
-    `module.` (DDP) and `backbone.` prefixes; `_orig_mod.` (torch.compile) and `_checkpoint_wrapped_module.`
-    segments anywhere; the chunked `blocks.<c>.<i>.` layout.
-    Head keys (dino_head., ibot_head.) and loss centers are left out."""
+    """A path or a loaded object -> the backbone state dict in the hub layout (keys blocks.<i>.*). A path may be any
+    file read_checkpoint reads, or a Hugging Face folder. Accepts the hub, Hugging Face and timm layouts
+    (checkpoint_layout, converted by hf_to_hub / timm_to_hub); {"teacher"|"model"|"student"|"backbone"|"state_dict":
+    sd} wrappers (the teacher first); flat `teacher.`/`student.` owners; `module.` (DDP), `backbone.` and the HF task
+    models' `dinov2.` / `dinov2_with_registers.` prefixes; `_orig_mod.` (torch.compile) and
+    `_checkpoint_wrapped_module.` segments anywhere; the chunked `blocks.<c>.<i>.` layout. Head keys (dino_head.,
+    ibot_head., and an HF task model's classifier) and loss centers are left out."""
     if isinstance(obj, (str, os.PathLike)):
-        obj = torch.load(obj, map_location="cpu", weights_only=True)
+        obj = read_checkpoint(obj)
     while isinstance(obj, Mapping):  # unwrap {"teacher": {...}} and the like, possibly nested
         wrapper = next((k for k in ("teacher", "model", "student", "backbone", "state_dict")
                         if isinstance(obj.get(k), Mapping)), None)
@@ -428,11 +743,18 @@ def backbone_state_dict_from(obj):
     # torch.compile and activation-checkpoint wrappers add a name segment wherever they wrap (root or block)
     sd = {k.replace("_orig_mod.", "").replace("_checkpoint_wrapped_module.", ""): v
           for k, v in obj.items() if torch.is_tensor(v)}
-    for prefix in ("module.", "teacher.", "student.", "model.", "module.", "backbone."):
+    for prefix in ("module.", "teacher.", "student.", "model.", "module.", "backbone.", "dinov2.",
+                   "dinov2_with_registers."):
         sd = _only_prefix(sd, prefix)
     sd = {k: v for k, v in sd.items() if not k.startswith(("dino_head.", "ibot_head."))}
     # Released training layout: blocks.<chunk>.<global index>.<rest> -> blocks.<global index>.<rest>
-    return {re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", k): v for k, v in sd.items()}
+    sd = {re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", k): v for k, v in sd.items()}
+    layout = checkpoint_layout(sd)
+    converted = {"hub": dict, "hf": hf_to_hub, "timm": timm_to_hub}[layout](sd) if layout else {}
+    if not _VIT_KEYS <= converted.keys():
+        raise ValueError(f"not a ViT backbone state dict. Layouts tried: {LAYOUTS}. "
+                         f"Found {len(sd)} tensors: {_list_keys(sd.keys())}")
+    return converted
 
 
 def _list_keys(keys, limit=12):
@@ -442,9 +764,9 @@ def _list_keys(keys, limit=12):
 
 
 def load_pretrained(model, path_or_state_dict):
-    """Load a checkpoint into an existing model, strictly. pos_embed is resampled to the model's grid when the
-    checkpoint was trained at another size (same formula as at run time). Any missing, unexpected or misshapen
-    key stops the load with an error that names them."""
+    """Load a checkpoint (any layout backbone_state_dict_from reads) into an existing model, strictly. pos_embed is
+    resampled to the model's grid when the checkpoint was trained at another size (same formula as at run time). Any
+    missing, unexpected or misshapen key stops the load with an error that names them."""
     sd = backbone_state_dict_from(path_or_state_dict)
     pos = sd.get("pos_embed")
     if pos is not None and pos.shape[-1] == model.pos_embed.shape[-1] and pos.shape[1] != model.pos_embed.shape[1]:
@@ -470,13 +792,12 @@ def load_pretrained(model, path_or_state_dict):
 
 
 def from_pretrained(path_or_state_dict, **overrides):
-    """Build the model a checkpoint describes and load it (eval mode, CPU, fp32). The tensors give everything:
-    width -> arch, block count -> depth, patch_embed kernel -> patch size, pos_embed -> native img_size,
-    register_tokens -> registers (and the register models' interpolation: size-based, antialias), w12 -> SwiGLU,
-    ls1.gamma -> LayerScale. `overrides` (any VisionTransformer argument, e.g. img_size=224) win."""
+    """Build the model a checkpoint describes and load it (eval mode, CPU, fp32). The checkpoint: a state dict or a
+    path (.pth/.pt/.bin/.safetensors file, or a Hugging Face folder) in the hub, Hugging Face or timm layout. The
+    tensors give everything: width -> arch, block count -> depth, patch_embed kernel -> patch size, pos_embed ->
+    native img_size, register_tokens -> registers (and the register models' interpolation: size-based, antialias),
+    w12 -> SwiGLU, ls1.gamma -> LayerScale. `overrides` (any VisionTransformer argument, e.g. img_size=224) win."""
     sd = backbone_state_dict_from(path_or_state_dict)
-    if "cls_token" not in sd or "patch_embed.proj.weight" not in sd:
-        raise ValueError(f"not a ViT backbone state dict (keys: {_list_keys(sd.keys())})")
     D = sd["cls_token"].shape[-1]
     if D not in ARCH_BY_WIDTH:
         raise ValueError(f"no known arch has width {D}; known widths: {ARCH_BY_WIDTH}")
@@ -491,6 +812,10 @@ def from_pretrained(path_or_state_dict, **overrides):
         kwargs["ffn_layer"] = "swiglu"
     elif "blocks.0.mlp.fc1.weight" in sd:
         kwargs.update(ffn_layer="mlp", mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / D)
+    # NOTE(deviation): weights from transformers or timm are resampled to other input sizes by the released rule
+    # (0.1 offset without registers; size-based with antialias for register models), not by theirs (by size, no 0.1
+    # offset, their own antialias choice). So away from the native grid features follow the released code, not those
+    # libraries; at the native grid nothing is resampled and all agree.
     if "register_tokens" in sd:
         kwargs.update(num_register_tokens=sd["register_tokens"].shape[1],
                       interpolate_antialias=True, interpolate_offset=0.0)
@@ -502,7 +827,7 @@ def from_pretrained(path_or_state_dict, **overrides):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Command line: size of a model
+# Command line: size of a model, or a checkpoint converted to another layout
 
 
 @dataclass
@@ -511,14 +836,23 @@ class Config:
     size: int = 224  # input height = width, in pixels, for the FLOPs figure
     img_size: int = 518  # native pos-embed grid in pixels (518 as the released hub models; it sets the count)
     num_register_tokens: int = 0  # register tokens (the released *_reg models have 4)
+    convert: str = ""  # a checkpoint to convert (file or Hugging Face folder, any layout from_pretrained reads)
+    to: str = "hub"  # layout --convert writes: hub (.pth), hf (folder: config.json + model.safetensors), timm (.pth)
+    out: str = ""  # where --convert writes: a .pth file (hub, timm) or a folder (hf)
 
 
 def main():
-    parser = argparse.ArgumentParser(description="Parameter count and forward FLOPs of a DINOv2 ViT.")
+    parser = argparse.ArgumentParser(description="Parameter count and forward FLOPs of a DINOv2 ViT, or "
+                                                 "--convert IN --to hub|hf|timm --out OUT.")
     for name, field in Config.__dataclass_fields__.items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=field.type, default=field.default,
                             help=f"(default: {field.default})")
     cfg = Config(**vars(parser.parse_args()))
+    if cfg.convert:
+        if not cfg.out:
+            raise ValueError("--convert needs --out: a .pth file for --to hub or timm, a folder for --to hf")
+        print(export(cfg.convert, cfg.out, cfg.to))
+        return
     with torch.device("meta"):  # counting needs no memory
         model = build_model(cfg.arch, img_size=cfg.img_size, num_register_tokens=cfg.num_register_tokens)
     n_params = sum(p.numel() for p in model.parameters())
