@@ -460,7 +460,13 @@ def read_checkpoint(path):
         return _read_hf_folder(path)
     if path.suffix == ".safetensors":
         return _safetensors(f"reading {path}").load_file(str(path), device="cpu")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # not a torch file, truncated, or pickled objects beyond tensors: one clear line
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ValueError(f"could not read {path} as a checkpoint ({type(e).__name__}: {first})") from e
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -850,8 +856,13 @@ def main():
     cfg = Config(**vars(parser.parse_args()))
     if cfg.convert:
         if not cfg.out:
-            raise ValueError("--convert needs --out: a .pth file for --to hub or timm, a folder for --to hf")
-        print(export(cfg.convert, cfg.out, cfg.to))
+            parser.error("--convert needs --out: a .pth file for --to hub or timm, a folder for --to hf")
+        if not os.path.exists(cfg.convert):
+            parser.error(f"--convert: {cfg.convert} does not exist")
+        try:
+            print(export(cfg.convert, cfg.out, cfg.to))
+        except (ValueError, ImportError, RuntimeError) as e:  # a checkpoint that is not a ViT, a missing package
+            raise SystemExit(f"error: {e}") from None
         return
     with torch.device("meta"):  # counting needs no memory
         model = build_model(cfg.arch, img_size=cfg.img_size, num_register_tokens=cfg.num_register_tokens)

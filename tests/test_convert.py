@@ -369,10 +369,15 @@ def test_convert_command_line(models, tmp_path, monkeypatch, capsys):
         out = run("--convert", tmp_path / "hub.pth", "--to", "hf", "--out", tmp_path / "hf")
         assert "transformers.Dinov2WithRegistersModel.from_pretrained(" in out
         assert_same_features(vit.from_pretrained(tmp_path / "hf"), src, (112,))
-    with pytest.raises(ValueError, match="--convert needs --out"):
+    # user errors: one `error:` line and a non-zero exit, no traceback
+    with pytest.raises(SystemExit):
         run("--convert", tmp_path / "hub.pth", "--to", "timm")
-    with pytest.raises(ValueError, match="unknown layout 'onnx'"):
+    assert "--convert needs --out" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="error: unknown layout 'onnx'"):
         run("--convert", tmp_path / "hub.pth", "--to", "onnx", "--out", tmp_path / "x")
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    with pytest.raises(SystemExit, match=r"error: could not read .*notes.txt as a checkpoint"):
+        run("--convert", tmp_path / "notes.txt", "--to", "hub", "--out", tmp_path / "y.pth")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -408,7 +413,7 @@ def test_torch_hub_entry_points(models, tmp_path):
 
 
 def test_torch_hub_errors(tmp_path, models):
-    with pytest.raises(ValueError, match=r"dinov2_vits14: pretrained weights cannot be downloaded here.*weights=PATH"):
+    with pytest.raises(ValueError, match=r"dinov2_vits14: pretrained weights are never downloaded.*weights=PATH"):
         torch.hub.load(str(ROOT), "dinov2_vits14", source="local")
     with pytest.raises(ValueError, match=r"weights='LVD142M' is not a file or folder"):
         torch.hub.load(str(ROOT), "dinov2_vits14", source="local", weights="LVD142M")
