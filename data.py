@@ -2,7 +2,8 @@
 
 Paper: DINOv2 (Oquab et al., 2023) section 4 and appendix, which inherit the multi-crop recipe of DINO (Caron et al.,
 2021) and the block masking of iBOT / BEiT. The numbers are the released code's (`dinov2/data/augmentations.py`,
-`collate.py`, `masking.py`, `samplers.py`); each departure is marked `NOTE(deviation)` (the blur default follows the paper).
+`collate.py`, `masking.py`, `samplers.py`); each departure is marked `NOTE(deviation)` (the blur default
+follows the paper).
 
 Public names, in reading order:
     IMAGENET_MEAN, IMAGENET_STD, IMAGE_EXTENSIONS, torch_seed()
@@ -131,7 +132,8 @@ class MultiCropAugmentation:
         elif blur == "released":
             # NOTE(deviation): the released code wraps blur in its own GaussianBlur(p) that hands `1 - p` to
             # RandomApply, so the nominal 1.0 / 0.1 / 0.5 become 0.0 / 0.9 / 0.5 in effect (released
-            # `dinov2/data/augmentations.py`, dinov2 PR #411). The released checkpoints were trained this way; "paper" is the default here.
+            # `dinov2/data/augmentations.py`, dinov2 PR #411). The released checkpoints were trained this way;
+            # "paper" is the default here.
             self.p_blur = (0.0, 0.9, 0.5)
         else:
             raise ValueError(f"blur must be 'paper' or 'released', got {blur!r}")

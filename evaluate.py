@@ -1,7 +1,8 @@
 """Frozen-feature evaluation of a DINOv2 backbone: k-NN, linear probe and emergent segmentation.
 
 Paper §7 (Results: frozen-feature k-NN and linear evaluation on ImageNet-1k, and the qualitative PCA of patch
-features) with the released protocols of `dinov2/eval/knn.py` and `dinov2/eval/linear.py`. The backbone is never trained here: features are extracted once, cached, and
+features) with the released protocols of `dinov2/eval/knn.py` and `dinov2/eval/linear.py`. The backbone is
+never trained here: features are extracted once, cached, and
 every protocol works on the cache.
 
 Public names, in reading order:
@@ -625,7 +626,8 @@ def main(argv=None) -> dict | None:
     if synthetic:
         transform = EvalTransform(size, crop=False, patch=model.patch_size)  # synthetic images are square already
         train_set, val_set = (data.SyntheticDataset(n=n, size=synthetic_size, n_classes=cfg.n_classes, seed=seed,
-                                                    transform=transform) for n, seed in ((cfg.n_train, 0), (cfg.n_val, 1)))
+                                                    transform=transform)
+                              for n, seed in ((cfg.n_train, 0), (cfg.n_val, 1)))
         n_classes = cfg.n_classes
     else:
         transform = EvalTransform(size, crop=True, patch=model.patch_size)

@@ -140,8 +140,8 @@ def convert_official_head_keys(state_dict: dict, to_official: bool = False) -> d
 
 
 # -----------------------------------------------------------------------------
-# Teacher targets (released `dino_clstoken_loss.py`, `ibot_patch_loss.py`). N rows = one per token: the 2B cls tokens for DINO, the M masked patch
-# tokens for iBOT. Both options return fp32 probabilities with no gradient.
+# Teacher targets (released `dino_clstoken_loss.py`, `ibot_patch_loss.py`). N rows = one per token: the 2B cls
+# tokens for DINO, the M masked patch tokens for iBOT. Both options return fp32 probabilities with no gradient.
 
 
 class SoftmaxCentering(nn.Module):
@@ -200,7 +200,8 @@ def _logsumexp_over_all_rows(log_q: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def sinkhorn_knopp(teacher_logits: torch.Tensor, temp: float, n_iterations: int = 3) -> torch.Tensor:
-    """Sinkhorn-Knopp teacher targets (SwAV; released `sinkhorn_knopp_teacher`), jointly over all rows of all ranks. Returns (N,K) fp32.
+    """Sinkhorn-Knopp teacher targets (SwAV; released `sinkhorn_knopp_teacher`), jointly over all rows of all
+    ranks. Returns (N,K) fp32.
 
     The released loop, with Q of shape (K, B') and B' the row count over all ranks:
         Q = exp(t / temp).T;  Q /= sum(Q)                      # sum all-reduced
@@ -272,7 +273,8 @@ def dino_loss(student_global: torch.Tensor, student_local: torch.Tensor | None, 
 
 def ibot_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor, mask_weights: torch.Tensor,
               n_global_crops: int, student_temp: float = 0.1) -> torch.Tensor:
-    """Patch-level iBOT loss on the M masked tokens of this rank's 2B global crops (released `iBOTPatchLoss.forward_masked`).
+    """Patch-level iBOT loss on the M masked tokens of this rank's 2B global crops (released
+    `iBOTPatchLoss.forward_masked`).
 
     loss = -sum_j w_j sum_k t_jk log softmax(s_j / student_temp)_k / n_global_crops, with w_j = 1 / (number of
     masked tokens in j's crop): each masked crop's token mean, summed over crops, divided by ALL global crops
@@ -317,11 +319,24 @@ def koleo_loss(x: torch.Tensor) -> torch.Tensor:
 # the same few prototypes). Both show in the teacher's targets long before they show in a downstream score.
 
 def teacher_diagnostics(t_cls: torch.Tensor):
-    """(mean entropy of the teacher's rows (0 = one-hot, ln K = uniform), prototypes that win at least one row)."""
-    p = t_cls.float()  # (R, K)
-    entropy = -(p * p.clamp_min(1e-12).log()).sum(-1).mean()
+    """Three numbers on the teacher's cls targets t_cls (2B, K), view-major (rows b and B + b are the two global views
+    of image b): the mean entropy of a row (0 = one-hot, ln K = uniform), the prototypes that win at least one row,
+    and the cross-view correlation rho of the targets' log-probabilities.
+
+    rho is what decides whether the uniform target can be left. Near it, log t = logits / teacher_temp up to a row
+    and a column constant (softmax with a centre, or Sinkhorn-Knopp), so after removing both (double centring) the
+    two views' deviations correlate by rho. The student, at student_temp, is asked to reproduce the other view's
+    deviation: its best linear estimate scales the deviation by rho * student_temp / teacher_temp. Below 1 each step
+    shrinks the deviations (the uniform target is stable: collapse); above 1 they grow (the targets sharpen)."""
+    p = t_cls.float()  # (2B, K)
+    log_p = p.clamp_min(1e-12).log()
+    entropy = -(p * log_p).sum(-1).mean()
     used = torch.zeros(p.shape[-1], device=p.device).index_fill_(0, p.argmax(-1), 1.0).sum()
-    return entropy, used
+    views = log_p.view(2, -1, p.shape[-1])  # (2, B, K)
+    d = views - views.mean(1, keepdim=True)  # minus each prototype's mean over the images
+    d = d - d.mean(2, keepdim=True)  # minus each row's mean over the prototypes
+    rho = (d[0] * d[1]).sum() / (d[0].norm() * d[1].norm()).clamp_min(1e-12)
+    return entropy, used, rho
 
 
 class CollapseAlarm:
@@ -341,9 +356,10 @@ class CollapseAlarm:
         self.since = {"uniform": None, "few": None}  # first step of the current streak of each symptom
         self.fired = set()
 
-    def update(self, step: int, entropy: float, used: int, n_rows: int) -> str | None:
-        """Feed one check (the teacher's cls targets of `n_rows` crops); returns a warning the first time a symptom
-        has lasted `window` steps, else None."""
+    def update(self, step: int, entropy: float, used: int, n_rows: int, rho: float | None = None,
+               temp_ratio: float | None = None) -> str | None:
+        """Feed one check (teacher_diagnostics of the cls targets of `n_rows` crops; temp_ratio = student_temp /
+        teacher_temp); returns a warning the first time a symptom has lasted `window` steps, else None."""
         symptoms = {"uniform": entropy >= (1 - self.tolerance) * self.log_k,
                     "few": used <= self.handful < n_rows // 4}  # a tiny batch cannot show "few"
         message = None
@@ -356,7 +372,10 @@ class CollapseAlarm:
             if step - self.since[name] >= self.window and name not in self.fired:
                 self.fired.add(name)
                 what = (f"the teacher's cls targets have been uniform (entropy {entropy:.3f}, ln K = "
-                        f"{self.log_k:.3f})" if name == "uniform" else
+                        f"{self.log_k:.3f}" + (f"; cross-view correlation {rho:.2f} x student_temp / teacher_temp "
+                                               f"{temp_ratio:.3g} = {rho * temp_ratio:.2g}, leaving needs > 1"
+                                               if rho is not None and temp_ratio else "") + ")"
+                        if name == "uniform" else
                         f"the teacher has put every crop on {used} prototype(s) of {round(math.exp(self.log_k))}")
                 message = f"warning: collapse alarm at step {step}: {what} for {step - self.since[name]} steps: " \
                           f"{self.ADVICE[name]}"

@@ -2,7 +2,8 @@
 DINOv2 training: a student and an EMA teacher, the DINO + iBOT + KoLeo objective, one loop for every scale.
 
 Paper: Oquab et al., "DINOv2" (TMLR 2024), §4 (method) and §5 (implementation); the numbers follow the released
-code (`dinov2/train/train.py`, `ssl_meta_arch.py`, `configs/ssl_default_config.yaml`). Read vit.py, losses.py and data.py first; this file puts them together.
+code (`dinov2/train/train.py`, `ssl_meta_arch.py`, `configs/ssl_default_config.yaml`). Read vit.py, losses.py
+and data.py first; this file puts them together.
 
 Reading order:
     Config, PRESETS        every knob, with the paper's recipe per --arch
@@ -52,7 +53,7 @@ from losses import (CollapseAlarm, DINOHead, SoftmaxCentering, dino_loss, ibot_l
 
 
 # -----------------------------------------------------------------------------------------------------------------
-# Config: defaults = the paper's default recipe (released `configs/ssl_default_config.yaml`); PRESETS override per --arch.
+# Config: defaults = the paper's default recipe (released `ssl_default_config.yaml`); PRESETS override per --arch.
 
 @dataclass
 class Config:
@@ -185,7 +186,7 @@ def parse_config(cls=Config, presets=PRESETS, argv=None, description=__doc__):
 
 
 # -----------------------------------------------------------------------------------------------------------------
-# Schedules: plain arrays indexed by the iteration (released `dinov2/train/train.py`), so they can be printed and plotted.
+# Schedules: plain arrays indexed by the iteration (released `train/train.py`), so they can be printed and plotted.
 
 def cosine_schedule(base, final, total, warmup=0, start_warmup=0.0):
     """Linear warm-up that includes the peak (np.linspace), then a half cosine from base to final."""
@@ -216,7 +217,8 @@ def make_schedules(cfg, world_size=1):
 
 
 # -----------------------------------------------------------------------------------------------------------------
-# Parameter groups (released `utils/param_groups.py`): each parameter gets an lr multiplier, a weight-decay multiplier and a last-layer flag.
+# Parameter groups (released `utils/param_groups.py`): each parameter gets an lr multiplier, a weight-decay
+# multiplier and a last-layer flag.
 
 def param_groups(student, cfg):
     """AdamW groups of the student, merged by (lr_mult, wd_mult, is_last_layer, is_backbone)."""
@@ -301,7 +303,8 @@ def build_ssl_model(cfg, drop_path):
 
 
 def init_ssl_model(model):
-    """Initialise every parameter (after to_empty() of a meta-device build), as the released `init_weights` of the ViT and the DINO head do."""
+    """Initialise every parameter (after to_empty() of a meta-device build), as the released `init_weights` of
+    the ViT and the DINO head do."""
     model.backbone.init_weights()
     for head in (model.dino_head, model.ibot_head):
         if head is not None:
@@ -455,7 +458,8 @@ def build_monitor(cfg, n_images):
 
 
 # -----------------------------------------------------------------------------------------------------------------
-# One step of the objective (paper §4, released `SSLMetaArch.forward_backward`): the teacher's targets on unmasked global crops, the student's predictions
+# One step of the objective (paper §4, released `SSLMetaArch.forward_backward`): the teacher's targets on unmasked
+# global crops, the student's predictions
 # on masked global crops and local crops, then DINO (cls, cross-view), iBOT (masked patches) and KoLeo.
 
 def ssl_losses(student, teacher, centers, batch, teacher_temp, cfg):
@@ -479,7 +483,8 @@ def ssl_losses(student, teacher, centers, batch, teacher_temp, cfg):
 
 
 def clip_gradients(parts, max_norm):
-    """Clip each student part on its own (released `clip_grad` per part), returning the norms before clipping (no host sync)."""
+    """Clip each student part on its own (released `clip_grad` per part), returning the norms before clipping
+    (no host sync)."""
     norms = {}
     for name, module in parts.items():
         params = [p for p in module.parameters() if p.grad is not None]
@@ -758,17 +763,18 @@ def fit(cfg, rank, world, device, strategy, student_p, student, teacher, ema, ex
                 n_steps = stats[len(terms)] / world
                 means = {k: stats[i] / stats[len(terms)] for i, k in enumerate(terms)}
                 # this rank's gradient norms and teacher diagnostics, fetched in one copy
-                *norm_vals, entropy, used = torch.stack([*norms.values(), *teacher_diagnostics(t_cls)]).tolist()
+                *norm_vals, entropy, used, rho = torch.stack([*norms.values(), *teacher_diagnostics(t_cls)]).tolist()
                 row = dict(step=step + 1, loss=sum(means.values()), **means, lr=float(sched["lr"][step]),
                            wd=float(sched["wd"][step]), momentum=momentum, teacher_temp=teacher_temp,
                            **dict(zip(norms, norm_vals)), teacher_entropy=entropy, prototypes_used=int(used),
+                           teacher_view_corr=rho,
                            images_per_s=n_steps * cfg.batch_size * world / (now - t_last))
                 if device.type == "cuda":
                     row["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
                     if peak:
                         row["mfu"] = n_steps * flops / (now - t_last) / peak
                 running.zero_()
-                alert = alarm.update(step + 1, entropy, int(used), t_cls.shape[0])
+                alert = alarm.update(step + 1, entropy, int(used), t_cls.shape[0], rho, cfg.student_temp / teacher_temp)
                 if alert:
                     row["alarm"] = alert
                     if rank == 0:

@@ -4,7 +4,8 @@ Paper §7 qualitative results and Figure 1 ("PCA of patch features"; not in the 
 code): PCA of the patch features of a batch of images; the first component, thresholded, separates foreground from
 background; a second PCA with 3 components fitted on the foreground patches of ALL images jointly (one basis, so the
 same part gets the same colour in every image) is shown as RGB. Optionally the last block's cls->patch attention of
-each head (registers excluded), and the schedules (paper §5, released `ssl_default_config.yaml`) or loss curves of a training run.
+each head (registers excluded), and the schedules (paper §5, released `ssl_default_config.yaml`) or loss curves
+of a training run.
 
 Public names, in reading order:
     resize_to_patches, collect_images        -- any image, any aspect ratio, to a whole number of patches
@@ -205,7 +206,8 @@ def read_metrics(path) -> list:
 
 
 def _is_curve(key: str) -> bool:
-    return key in ("lr", "teacher_entropy") or key.startswith("loss") or key.endswith("loss") or key.startswith(LOSS_TERMS)
+    return (key in ("lr", "teacher_entropy") or key.startswith("loss") or key.endswith("loss")
+            or key.startswith(LOSS_TERMS))
 
 
 def plot_curves(run_dir: str, out: str) -> Path:

@@ -61,7 +61,8 @@ class ScriptedRng:
 # ------------------------------------------------------------------------------------------------ masking
 
 def test_masking_statistics_200_batches_of_64():
-    """Released collate: exactly int(0.5 * 2B) masked crops per batch, mean ratio over masked crops ~0.30 (released 0.298)."""
+    """Released collate: exactly int(0.5 * 2B) masked crops per batch, mean ratio over masked crops ~0.30
+    (released 0.298)."""
     torch.manual_seed(0)
     B, N = 64, 256
     collate = MultiCropCollate(MaskingGenerator((16, 16)))

@@ -410,9 +410,32 @@ def test_two_gloo_processes_match_single_process(tmp_path):
 
 def test_teacher_diagnostics_entropy_and_prototypes_used():
     p = torch.tensor([[0.5, 0.5, 0.0, 0.0], [0.25, 0.25, 0.25, 0.25], [0.0, 0.0, 1.0, 0.0]])
-    entropy, used = losses.teacher_diagnostics(p)
+    entropy, used, _ = losses.teacher_diagnostics(torch.cat([p, p]))  # two identical "views"
     assert_close(entropy, (math.log(2) + math.log(4) + 0.0) / 3)
     assert used.item() == 2  # argmaxes: 0, 0 (first of the ties), 2
+
+
+def test_teacher_cross_view_correlation():
+    torch.manual_seed(0)
+    logits = torch.randn(64, 32) * 0.05  # near the uniform target, where rho matters
+    view_shift = torch.randn(1, 32) * 0.1  # a per-prototype offset (what a centre or Sinkhorn-Knopp absorbs)
+
+    def rho(a, b, temp=0.04):
+        return losses.teacher_diagnostics(torch.cat([(a / temp).softmax(-1), (b / temp).softmax(-1)]))[2].item()
+
+    assert rho(logits, logits + view_shift) == pytest.approx(1.0, abs=1e-5)  # same deviations, other offsets
+    assert rho(logits, -logits) == pytest.approx(-1.0, abs=1e-5)
+    assert abs(rho(logits, torch.randn(64, 32) * 0.05)) < 0.1  # independent views
+    # a mix: b = a + noise of the same size has correlation 1 / sqrt(2) in expectation
+    noisy = logits + torch.randn(64, 32) * 0.05
+    expected = np.corrcoef(_double_centre(logits).ravel(), _double_centre(noisy).ravel())[0, 1]
+    assert rho(logits, noisy) == pytest.approx(expected, abs=1e-4)
+
+
+def _double_centre(x):
+    x = x.double().numpy()
+    x = x - x.mean(0, keepdims=True)
+    return x - x.mean(1, keepdims=True)
 
 
 def test_collapse_alarm_fires_once_after_the_window_on_a_uniform_teacher():

@@ -1,5 +1,6 @@
-"""train.py: schedules and parameter groups against the released config's numbers, the EMA, a real run (finite terms, teacher
-untouched by the optimizer), exact resume, DDP and FSDP2 under torchrun (gloo) against one process, fault handling."""
+"""train.py: schedules and parameter groups against the released config's numbers, the EMA, a real run (finite
+terms, teacher untouched by the optimizer), exact resume, DDP and FSDP2 under torchrun (gloo) against one process,
+fault handling, the k-NN monitor and the collapse alarm."""
 import math
 import os
 import shutil
@@ -52,7 +53,7 @@ def run_script(args, nproc=1, timeout=240, script="train.py"):
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# Schedules and parameter groups: the numbers of the released ssl_default_config (default, global batch 1024 -> peak lr 0.004)
+# Schedules and parameter groups: the numbers of the released ssl_default_config (global batch 1024 -> peak lr 0.004)
 
 def test_schedules_match_released_values():
     cfg = Config(arch="vit_small", batch_size=64)
