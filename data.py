@@ -161,7 +161,7 @@ class MultiCropAugmentation:
         top, left = (height - h) // 2, (width - w) // 2
         return (left, top, left + w, top + h)
 
-    def crop_params(self, width, height, size, scale, p_blur, p_solarize, rng) -> CropParams:
+    def crop_params(self, width, height, size, scale, p_blur, p_solarize, rng, blur_scale=1.0) -> CropParams:
         box = self.crop_box(width, height, scale, rng)
         flip = rng.random() < self.p_flip
         jitter = ()
@@ -174,18 +174,24 @@ class MultiCropAugmentation:
             rng.shuffle(factors)
             jitter = tuple(factors)
         grayscale = rng.random() < self.p_grayscale
-        blur_sigma = rng.uniform(*self.blur_sigma) if rng.random() < p_blur else None
+        blur_sigma = rng.uniform(*self.blur_sigma) * blur_scale if rng.random() < p_blur else None
         solarize = rng.random() < p_solarize
         return CropParams(box, size, flip, jitter, grayscale, blur_sigma, solarize)
 
     def sample_params(self, width, height, rng) -> list:
         """The parameters of all crops of one image: [global 1, global 2, local 1, ..., local n_local]."""
         p_g1, p_g2, p_local = self.p_blur
+        # NOTE(deviation): the blur sigma (0.1-2 px) is the released one at its 224 / 98-px crops; smaller crops get it
+        # scaled by size / 224 (size / 98), so that a 32-px crop is blurred as much, relative to its size, as a 224-px
+        # one (unscaled, sigma 2 px on a 32-px crop blurs a shape as sigma 14 px would a 224-px one). Crops at or above
+        # the released sizes are unchanged.
         g = (self.global_size, self.global_scale)
-        params = [self.crop_params(width, height, *g, p_g1, 0.0, rng),
-                  self.crop_params(width, height, *g, p_g2, self.p_solarize, rng)]
+        g_blur, l_blur = min(1.0, self.global_size / 224), min(1.0, self.local_size / 98)
+        params = [self.crop_params(width, height, *g, p_g1, 0.0, rng, g_blur),
+                  self.crop_params(width, height, *g, p_g2, self.p_solarize, rng, g_blur)]
         for _ in range(self.n_local):
-            params.append(self.crop_params(width, height, self.local_size, self.local_scale, p_local, 0.0, rng))
+            params.append(self.crop_params(width, height, self.local_size, self.local_scale, p_local, 0.0, rng,
+                                           l_blur))
         return params
 
     # -- applying them -------------------------------------------------------------------------------------------

@@ -344,9 +344,10 @@ class CollapseAlarm:
     on at most `handful` prototypes, at every check over at least `window` steps. A warning: training goes on."""
 
     ADVICE = {
-        "uniform": "every image gets the same flat target, so the cls token learns nothing. What usually helps: a "
-                   "lower --teacher-temp (sharper targets), --freeze-last-layer-epochs 1, fewer --n-prototypes, "
-                   "a lower --base-lr; at small scale, more tokens per step (smaller --patch-size).",
+        "uniform": "every image gets the same flat target, so the cls token learns nothing. What usually helps: "
+                   "views that agree more at the start (weaker colour jitter or grey crops, larger crops, fewer "
+                   "local crops), a --base-lr the backbone can train at, LayerScale above 1e-5 for short runs; a "
+                   "lower --teacher-temp lowers the bar but can collapse onto a few prototypes (see ABLATIONS.md).",
         "few": "the features have collapsed onto a few points. What usually helps: --centering sinkhorn_knopp, a "
                "higher --teacher-temp or a longer --warmup-teacher-temp-epochs, a lower --base-lr.",
     }

@@ -18,7 +18,7 @@ from train import Config, make_schedules, param_groups
 ROOT = Path(__file__).resolve().parents[1]
 
 # A tiny but complete run: every loss term, masking, local crops, untied heads, checkpoints every 2 steps.
-TINY = ["--global-size", "56", "--local-size", "28", "--n-local", "2", "--batch-size", "4",
+TINY = ["--patch-size", "14", "--global-size", "56", "--local-size", "28", "--n-local", "2", "--batch-size", "4",
         "--n-prototypes", "64", "--ibot-n-prototypes", "64", "--head-hidden-dim", "64", "--head-bottleneck-dim", "32",
         "--ibot-bottleneck-dim", "32", "--synthetic-images", "64", "--synthetic-size", "64", "--epochs", "1",
         "--epoch-length", "4", "--warmup-epochs", "0.5", "--freeze-last-layer-epochs", "0.25", "--num-workers", "0",
@@ -186,7 +186,7 @@ def test_checkpoint_of_another_model_is_a_clear_error(straight_run, tmp_path):
 
 def test_non_finite_loss_names_step_and_term(tmp_path):
     import vit
-    bad = vit.build_model("vit_tiny", img_size=56).state_dict()
+    bad = vit.build_model("vit_tiny", img_size=56, depth=train.PRESETS["vit_tiny"]["depth"]).state_dict()
     bad["cls_token"] = torch.full_like(bad["cls_token"], float("nan"))
     torch.save(bad, tmp_path / "nan.pth")
     cfg = train.parse_config(argv=TINY + ["--out", str(tmp_path / "run"), "--init-from", str(tmp_path / "nan.pth")])
@@ -338,3 +338,16 @@ def test_monitor_rows_and_alarm_on_a_forced_uniform_teacher(tmp_path):
     assert all(0 <= r["knn_top1"] <= 100 and r["knn_raw_pixels"] == knn_rows[0]["knn_raw_pixels"] for r in knn_rows)
     assert sum("alarm" in r for r in rows) == 1
     assert (tmp_path / "loss.png").is_file()
+
+
+def test_alarm_stays_silent_on_the_laptop_default(tmp_path):
+    import json
+    # The laptop preset itself (no flag but the run's length and the monitor's size): its teacher never stays uniform.
+    args = ["--out", str(tmp_path), "--epochs", "1", "--epoch-length", "60", "--monitor-images", "50",
+            "--save-every", "1000", "--num-workers", "0"]
+    proc = run_script(args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "collapse alarm" not in proc.stdout + proc.stderr
+    rows = [json.loads(r) for r in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 60 and not any("alarm" in r for r in rows)
+    assert max(r["teacher_entropy"] for r in rows if r["step"] >= 20) < 0.97 * math.log(256)
