@@ -13,6 +13,7 @@ Reading order:
     build_models           student and teacher, on the meta device for big models
     parallelize            activation checkpointing, torch.compile, DDP or FSDP2: applied from outside the model
     build_data             multi-crop + masking, a world-size-invariant stream of global batches
+    build_monitor          the online k-NN of the teacher on a labelled split (evaluate.KnnMonitor)
     ssl_losses             one step of the objective: teacher targets, student predictions, the four terms
     train_step             losses, backward, per-part clipping, AdamW, EMA
     Checkpointer           atomic save / exact resume (torch.distributed.checkpoint), teacher export

@@ -16,7 +16,8 @@ Public names, in reading order:
     resample_pos_embed, VisionTransformer,
     vit_tiny, vit_small, vit_base, vit_large, vit_giant2, ARCHS, ARCH_BY_WIDTH, build_model,
     read_checkpoint, LAYOUTS, checkpoint_layout, hub_to_hf, hf_to_hub, hub_to_timm, timm_to_hub, hf_config,
-    timm_create_call, export, backbone_state_dict_from, load_pretrained, from_pretrained, Config, main
+    timm_create_call, export, HUB_ENTRY_POINTS, hub_model, backbone_state_dict_from, load_pretrained,
+    from_pretrained, Config, main
 
 Commands (parameter count and forward FLOPs of one image; a checkpoint written in another layout):
     python vit.py --arch vit_s --size 224
@@ -715,6 +716,40 @@ def export(src, out, to="hub"):
     arch, depth, R, img_size, _ = _describe(sd)
     return (f"wrote {out} ({to} layout): {arch}, {depth} blocks, {R} registers, native grid {img_size} px\n"
             f"load with: {load}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# torch.hub entry points (hubconf.py exposes them): the released names, built as released, weights from a path
+
+HUB_ENTRY_POINTS = {f"dinov2_vit{s}14{'_reg' if reg else ''}": (arch, reg)  # name -> (arch, 4 registers?)
+                    for s, arch in (("s", "vit_small"), ("b", "vit_base"), ("l", "vit_large"), ("g", "vit_giant2"))
+                    for reg in (False, True)}
+
+
+def hub_model(name, *, pretrained=True, weights=None, **kwargs):
+    """The released configuration of entry point `name` (img_size 518, patch 14, LayerScale; 4 registers with the
+    size-based, antialiased pos-embed interpolation for the _reg models), then `weights` loaded strictly: a path to
+    any checkpoint from_pretrained reads. Nothing is downloaded. Other keyword arguments go to VisionTransformer."""
+    arch, registers = HUB_ENTRY_POINTS[name]
+    if pretrained and weights is None:
+        raise ValueError(f"{name}: pretrained weights are never downloaded by this repository; pass "
+                         f"weights=PATH (a hub .pth, a Hugging Face folder, a timm file), or pretrained=False for a "
+                         f"random init")
+    if not pretrained and weights is not None:
+        raise ValueError(f"{name}: weights={weights!r} with pretrained=False; drop one of the two")
+    released = dict(img_size=518, patch_size=14, init_values=1.0, num_register_tokens=4 if registers else 0,
+                    interpolate_antialias=registers, interpolate_offset=0.0 if registers else 0.1)
+    if weights is None:
+        return build_model(arch, **{**released, **kwargs})
+    if isinstance(weights, (str, os.PathLike)) and not os.path.exists(weights):
+        # the released entry points take a dataset name here (weights="LVD142M") and download; this one reads files
+        raise ValueError(f"{name}: weights={weights!r} is not a file or folder; weights= takes a checkpoint path")
+    sd = backbone_state_dict_from(weights)
+    # The checkpoint's own grid unless img_size is given: a 224-px checkpoint then runs as trained, instead of
+    # having its pos_embed resampled to the released 37x37 grid (the released entry points need img_size=224).
+    grid = int((sd["pos_embed"].shape[1] - 1) ** 0.5)
+    released["img_size"] = grid * sd["patch_embed.proj.weight"].shape[-1]
+    return load_pretrained(build_model(arch, **{**released, **kwargs}), sd)
 
 
 # ----------------------------------------------------------------------------------------------------------------

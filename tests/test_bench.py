@@ -7,8 +7,9 @@ import train
 
 def test_tiny_bench_reports_finite_figures():
     argv = ["--patch-size", "14", "--global-size", "28", "--local-size", "14", "--n-local", "2", "--batch-size", "2",
-            "--n-prototypes", "32", "--ibot-n-prototypes", "32", "--head-hidden-dim", "32", "--head-bottleneck-dim", "16",
-            "--ibot-bottleneck-dim", "16", "--synthetic-images", "8", "--synthetic-size", "32", "--num-workers", "0",
+            "--n-prototypes", "32", "--ibot-n-prototypes", "32", "--head-hidden-dim", "32",
+            "--head-bottleneck-dim", "16", "--ibot-bottleneck-dim", "16", "--synthetic-images", "8",
+            "--synthetic-size", "32", "--num-workers", "0",
             "--steps", "2", "--warmup", "1", "--forward-batch", "2", "--forward-size", "28", "--data-images", "2",
             "--mask-probability", "0"]
     results = bench.main(train.parse_config(bench.BenchConfig, train.PRESETS, argv=argv))

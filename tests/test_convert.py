@@ -8,7 +8,6 @@ installed, and its absence is simulated.
 Run: python -m pytest -q tests/test_convert.py
 """
 import json
-import math
 import re
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ import pytest
 import torch
 
 import vit
+from test_vit import randomize_  # weights far from the init, so that every tensor matters
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,21 +51,6 @@ def shapes(sd):
     return {k: tuple(v.shape) for k, v in sd.items()}
 
 
-def randomized(model, seed=0):
-    """Weights far from the init (gamma and norm weights ~ 1, large tokens and pos-embed), eval mode."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            if name.endswith("gamma") or ("norm" in name and name.endswith("weight")):
-                p.copy_(1 + 0.2 * noise)
-            elif name.endswith("bias"):
-                p.copy_(0.1 * noise)
-            elif p.ndim >= 2 and name.startswith(("blocks.", "patch_embed.")):
-                p.copy_(noise / math.sqrt(p[0].numel()))
-            else:  # cls, register and mask tokens, pos_embed
-                p.copy_(noise)
-    return model.eval()
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -80,12 +65,12 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def models():
-    """One randomized model per fixture section, native grid 8x8 (112 px); the 2-block ViT-g has 58M parameters."""
+    """One randomised model per fixture section, native grid 8x8 (112 px); the 2-block ViT-g has 58M parameters."""
     out = {}
     for i, (title, build) in enumerate(CASES.items()):
-        with torch.device("meta"):  # randomized() sets every parameter: skip the init
+        with torch.device("meta"):  # randomize_() sets every parameter: skip the init
             model = build(img_size=112)
-        out[title] = randomized(model.to_empty(device="cpu"), seed=i)
+        out[title] = randomize_(model.to_empty(device="cpu"), seed=i).eval()
     return out
 
 
