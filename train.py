@@ -24,15 +24,12 @@ Run:
     python train.py --data /path/to/images --arch vit_s
     torchrun --nproc_per_node=8 train.py --arch vit_g --data /path/to/images --activation-checkpointing
 """
-import argparse
 import contextlib
 import copy
 import dataclasses
-import inspect
 import json
 import math
 import os
-import re
 import shutil
 import signal
 import time
@@ -46,9 +43,13 @@ import torch.distributed as dist
 import torch.nn as nn
 from tqdm import tqdm
 
+import cli
+import distributed
 import vit
+from cli import arg
 from data import (GlobalBatchCollate, GlobalBatchSampler, ImageFolderDataset, MaskingGenerator, MultiCropAugmentation,
                   MultiCropDataset, SyntheticDataset)
+from distributed import barrier, is_dist, print0
 from losses import (CollapseAlarm, DINOHead, SoftmaxCentering, dino_loss, ibot_loss, koleo_loss, sinkhorn_knopp,
                     teacher_diagnostics)
 
@@ -59,76 +60,76 @@ from losses import (CollapseAlarm, DINOHead, SoftmaxCentering, dino_loss, ibot_l
 @dataclass
 class Config:
     # model
-    arch: str = "vit_tiny"  # vit_tiny | vit_small | vit_base | vit_large | vit_giant2 (aliases vit_t/s/b/l/g)
-    patch_size: int = 14  # every released model uses 14
-    depth: int = 0  # transformer blocks; 0 = the arch's own (12 for vit_tiny / s / b)
-    num_registers: int = 0  # register tokens (4 = the "_reg" models)
-    ffn: str = "auto"  # mlp | swiglu | auto (SwiGLU for vit_giant2 only, as released)
-    drop_path: float = 0.3  # uniform stochastic depth of the student (0.4 for vit_l / vit_g)
-    layerscale: float = 1e-5  # LayerScale init
+    arch: str = arg("vit_tiny", "vit_tiny | vit_small | vit_base | vit_large | vit_giant2 (aliases vit_t/s/b/l/g)")
+    patch_size: int = arg(14, "every released model uses 14")
+    depth: int = arg(0, "transformer blocks; 0 = the arch's own (12 for vit_tiny / s / b)")
+    num_registers: int = arg(0, "register tokens (4 = the \"_reg\" models)")
+    ffn: str = arg("auto", "mlp | swiglu | auto (SwiGLU for vit_giant2 only, as released)")
+    drop_path: float = arg(0.3, "uniform stochastic depth of the student (0.4 for vit_l / vit_g)")
+    layerscale: float = arg(1e-5, "LayerScale init")
     # heads (`dino` / `ibot` keys of the config)
-    n_prototypes: int = 65536  # K of the DINO head
-    head_hidden_dim: int = 2048
-    head_bottleneck_dim: int = 256
-    separate_ibot_head: bool = False  # untied iBOT head (True for vit_l / vit_g)
-    ibot_n_prototypes: int = 65536
-    ibot_bottleneck_dim: int = 256
+    n_prototypes: int = arg(65536, "K of the DINO head")
+    head_hidden_dim: int = arg(2048, "width of the heads' 3-layer MLP")
+    head_bottleneck_dim: int = arg(256, "DINO head bottleneck, L2-normalised before the prototypes")
+    separate_ibot_head: bool = arg(False, "untied iBOT head (True for vit_l / vit_g)")
+    ibot_n_prototypes: int = arg(65536, "K of the iBOT head (with --separate-ibot-head)")
+    ibot_bottleneck_dim: int = arg(256, "iBOT head bottleneck")
     # objective (paper §4)
-    centering: str = "softmax"  # softmax (EMA centre) | sinkhorn_knopp (the released vit_l / vit_g)
-    dino_weight: float = 1.0
-    ibot_weight: float = 1.0
-    koleo_weight: float = 0.1
-    student_temp: float = 0.1
-    teacher_temp: float = 0.07  # after the warm-up
-    warmup_teacher_temp: float = 0.04
-    warmup_teacher_temp_epochs: float = 30
+    centering: str = arg("softmax", "softmax (EMA centre) | sinkhorn_knopp (the released vit_l / vit_g)")
+    dino_weight: float = arg(1.0, "weight of the DINO (cls token) loss")
+    ibot_weight: float = arg(1.0, "weight of the iBOT (masked patch) loss")
+    koleo_weight: float = arg(0.1, "weight of the KoLeo spreading term")
+    student_temp: float = arg(0.1, "softmax temperature of the student")
+    teacher_temp: float = arg(0.07, "after the warm-up")
+    warmup_teacher_temp: float = arg(0.04, "teacher temperature at step 0, raised linearly to --teacher-temp")
+    warmup_teacher_temp_epochs: float = arg(30, "epochs of that warm-up")
     # data (`crops` keys)
-    data: str = ""  # an image folder (class sub-folders or flat) or a .txt file list; "" = synthetic images
-    synthetic_images: int = 2000  # size of the synthetic dataset when --data is empty
-    synthetic_size: int = 128  # its image side in pixels
-    global_size: int = 224
-    local_size: int = 98
-    n_local: int = 8
-    global_scale: tuple = (0.32, 1.0)
-    local_scale: tuple = (0.05, 0.32)
-    hue_jitter: float = 0.1  # colour-jitter hue range (+-); 0.5 draws any hue, so colour cannot match two views
-    p_grayscale: float = 0.2  # probability that a crop is turned grey
-    blur: str = "paper"  # paper (p 1.0 / 0.1 / 0.5) | released (the released code's 0.0 / 0.9 / 0.5)
-    mask_probability: float = 0.5  # fraction of global crops that get an iBOT mask
-    mask_ratio: tuple = (0.1, 0.5)  # range of masked-patch ratios, stratified over the batch
-    num_workers: int = -1  # data loader workers per rank (-1 = auto)
+    data: str = arg("", "an image folder (class sub-folders or flat) or a .txt file list; \"\" = synthetic images")
+    synthetic_images: int = arg(2000, "size of the synthetic dataset when --data is empty")
+    synthetic_size: int = arg(128, "its image side in pixels")
+    global_size: int = arg(224, "global crop side in pixels")
+    local_size: int = arg(98, "local crop side in pixels")
+    n_local: int = arg(8, "local crops per image")
+    global_scale: tuple[float, float] = arg((0.32, 1.0), "area range of a global crop, as a fraction of the image")
+    local_scale: tuple[float, float] = arg((0.05, 0.32), "area range of a local crop")
+    hue_jitter: float = arg(0.1, "colour-jitter hue range (+-); 0.5 draws any hue, so colour cannot match two views")
+    p_grayscale: float = arg(0.2, "probability that a crop is turned grey")
+    blur: str = arg("paper", "paper (p 1.0 / 0.1 / 0.5) | released (the released code's 0.0 / 0.9 / 0.5)")
+    mask_probability: float = arg(0.5, "fraction of global crops that get an iBOT mask")
+    mask_ratio: tuple[float, float] = arg((0.1, 0.5), "range of masked-patch ratios, stratified over the batch")
+    num_workers: int = arg(-1, "data loader workers per rank (-1 = auto)")
     # optimisation (`optim`, `teacher`, `train` keys); an "epoch" is epoch_length iterations, whatever the dataset size
-    batch_size: int = 64  # per rank
-    epochs: float = 100
-    epoch_length: int = 1250
-    base_lr: float = 0.004  # peak lr = base_lr * sqrt(global_batch / 1024)
-    min_lr: float = 1e-6
-    warmup_epochs: float = 10
-    weight_decay: float = 0.04  # cosine from this ...
-    weight_decay_end: float = 0.4  # ... to this
-    momentum_teacher: float = 0.992  # cosine from this to 1
-    freeze_last_layer_epochs: float = 1  # last layer of the heads at lr 0
-    layer_decay: float = 0.9  # layer-wise lr decay (1.0 = none)
-    patch_embed_lr_mult: float = 0.2
-    clip_grad: float = 3.0  # per student part (backbone, dino head, ibot head)
+    batch_size: int = arg(64, "per rank")
+    epochs: float = arg(100, "length of the run in epochs of --epoch-length iterations")
+    epoch_length: int = arg(1250, "iterations per epoch")
+    base_lr: float = arg(0.004, "peak lr = base_lr * sqrt(global_batch / 1024)")
+    min_lr: float = arg(1e-6, "lr at the end of the cosine")
+    warmup_epochs: float = arg(10, "linear lr warm-up")
+    weight_decay: float = arg(0.04, "cosine from this ...")
+    weight_decay_end: float = arg(0.4, "... to this")
+    momentum_teacher: float = arg(0.992, "cosine from this to 1")
+    freeze_last_layer_epochs: float = arg(1, "last layer of the heads at lr 0")
+    layer_decay: float = arg(0.9, "layer-wise lr decay (1.0 = none)")
+    patch_embed_lr_mult: float = arg(0.2, "lr multiplier of the patch embedding")
+    clip_grad: float = arg(3.0, "per student part (backbone, dino head, ibot head)")
     # starting from pretrained weights
-    init_from: str = ""  # backbone weights (released hub .pth or ours); heads start fresh
-    heads_warmup_epochs: float = 1  # with --init-from: backbone lr 0 while the fresh heads settle
+    init_from: str = arg("", "backbone weights (released hub .pth or ours); heads start fresh")
+    heads_warmup_epochs: float = arg(1, "with --init-from: backbone lr 0 while the fresh heads settle")
     # system
-    strategy: str = "auto"  # auto | none | ddp | fsdp (auto: none on one process, fsdp above 200M params else ddp)
-    compile: bool = False  # torch.compile each transformer block
-    activation_checkpointing: bool = False  # recompute blocks in backward (for vit_l / vit_g)
-    meta_init: bool = None  # FSDP: build on the meta device, initialise after sharding (default: vit_l / vit_g)
-    device: str = "auto"  # auto | cpu | cuda | mps
-    seed: int = 0
-    out: str = "runs/train"
-    save_every: int = 1250  # iterations between checkpoints
-    keep_last: int = 3  # checkpoints kept
-    log_every: int = 10
-    monitor_every: int = 0  # steps between online k-NN checks of the teacher backbone (0 = off)
-    monitor_data: str = ""  # labelled folder (class sub-folders) for the k-NN monitor; "" = held-out synthetic images
-    monitor_images: int = 500  # images in the monitor's bank, and as many held-out queries
-    resume: bool = True  # resume from the latest checkpoint in --out
+    strategy: str = arg("auto", "auto | none | ddp | fsdp (auto: none on one process, fsdp above 200M params else ddp)")
+    compile: bool = arg(False, "torch.compile each transformer block")
+    activation_checkpointing: bool = arg(False, "recompute blocks in backward (for vit_l / vit_g)")
+    meta_init: bool | None = arg(None, "FSDP: build on the meta device, init after sharding (default: vit_l / vit_g)")
+    device: str = arg("auto", "auto | cpu | cuda | mps")
+    seed: int = arg(0, "seed of the initialisation, the data order and the augmentations")
+    out: str = arg("runs/train", "run folder: checkpoints, metrics.jsonl, exports, plots")
+    save_every: int = arg(1250, "iterations between checkpoints")
+    keep_last: int = arg(3, "checkpoints kept")
+    log_every: int = arg(10, "iterations between log lines (metrics.jsonl)")
+    monitor_every: int = arg(0, "steps between online k-NN checks of the teacher backbone (0 = off)")
+    monitor_data: str = arg("", "labelled folder (class sub-folders) for the k-NN monitor; none: held-out synthetic")
+    monitor_images: int = arg(500, "images in the monitor's bank, and as many held-out queries")
+    resume: bool = arg(True, "resume from the latest checkpoint in --out")
 
 
 # Each preset is what the paper trained at that size; flags override single fields.
@@ -170,29 +171,8 @@ def canonical_arch(name):
 
 
 def parse_config(cls=Config, presets=PRESETS, argv=None, description=__doc__):
-    """--field value for every field of `cls`; the --arch preset fills what the flags leave unset."""
-    parser = argparse.ArgumentParser(description=(description or "").strip().split("\n")[0])
-    comments = {}  # the comment after each field in the dataclass source is its --help text
-    for c in reversed(cls.__mro__):
-        if dataclasses.is_dataclass(c):
-            for line in inspect.getsource(c).splitlines():
-                m = re.match(r"\s+(\w+): [^=]+=[^#]*#\s*(.*)", line)
-                if m:
-                    comments[m.group(1)] = m.group(2)
-    for f in dataclasses.fields(cls):
-        flag = "--" + f.name.replace("_", "-")
-        help_ = f"{comments.get(f.name, '')} [default {f.default!r}, or the --arch preset]".replace("%", "%%")
-        if f.type in (bool, "bool"):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
-        elif f.type in (tuple, "tuple"):
-            parser.add_argument(flag, type=float, nargs=2, default=None, metavar=("LOW", "HIGH"), help=help_)
-        else:
-            typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
-            parser.add_argument(flag, type=typ, default=None, help=help_)
-    args = parser.parse_args(argv)  # unknown flags are an error
-    given = {k: (tuple(v) if isinstance(v, list) else v) for k, v in vars(args).items() if v is not None}
-    arch = canonical_arch(given.get("arch", cls.arch))  # ValueError for an unknown name
-    return cls(**{**presets.get(arch, {}), **given, "arch": arch})
+    """--field value for every field of `cls` (cli.parse); the --arch preset fills what the flags leave unset."""
+    return cli.parse(cls, argv, description, presets, "arch", canonical_arch)
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -336,23 +316,6 @@ def ema_update(teacher, student, momentum):
 
 # -----------------------------------------------------------------------------------------------------------------
 # Distributed set-up and parallelism, applied from outside the model (STYLE.md §5).
-
-def setup_distributed(cfg):
-    """torchrun sets WORLD_SIZE / RANK / LOCAL_RANK; plain python creates no process group."""
-    if cfg.device == "auto":
-        dev = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    else:
-        dev = cfg.device
-    rank, world, local_rank = 0, 1, 0
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        if dev == "cuda":
-            torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl" if dev == "cuda" else "gloo")
-    device = torch.device(dev, local_rank) if dev == "cuda" else torch.device(dev)
-    return rank, world, device
-
 
 def resolve_strategy(cfg, world, n_params):
     if cfg.strategy != "auto":
@@ -606,15 +569,6 @@ def atomic_save(obj, path):
     os.replace(tmp, path)
 
 
-def is_dist():
-    return dist.is_available() and dist.is_initialized()
-
-
-def barrier():
-    if is_dist():
-        dist.barrier()
-
-
 # -----------------------------------------------------------------------------------------------------------------
 # Logging: rank 0 prints and appends one JSON line per log step to metrics.jsonl.
 
@@ -635,11 +589,6 @@ def flops_per_image(backbone, cfg):
     g = backbone.flops_per_image(cfg.global_size, cfg.global_size)
     l = backbone.flops_per_image(cfg.local_size, cfg.local_size) if cfg.n_local else 0
     return 3 * (2 * g + cfg.n_local * l) + 2 * g
-
-
-def print0(*args, **kwargs):
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(*args, **kwargs, flush=True)
 
 
 class StopRequest:
@@ -665,7 +614,7 @@ def to_device(batch, device):
 
 def setup(cfg):
     """Process group, device, output folder, and the parallelism strategy for this model size."""
-    rank, world, device = setup_distributed(cfg)
+    rank, world, device = distributed.init(cfg.device)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     with torch.device("meta"):  # count without allocating

@@ -195,11 +195,13 @@ def test_non_finite_loss_names_step_and_term(tmp_path):
     assert not list((tmp_path / "run").glob("ckpt_*"))  # nothing written after a bad step
 
 
-def test_unknown_flag_and_arch_are_errors():
-    with pytest.raises(SystemExit):
+def test_unknown_flag_and_arch_are_usage_errors(capsys):
+    with pytest.raises(SystemExit) as e:
         train.parse_config(argv=["--no-such-flag", "1"])
-    with pytest.raises(ValueError, match="vit_huge"):
+    assert e.value.code == 2
+    with pytest.raises(SystemExit) as e:
         train.parse_config(argv=["--arch", "vit_huge"])
+    assert e.value.code == 2 and "unknown arch 'vit_huge'" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,125 @@
+"""The command line of every script: a dataclass of settings becomes its flags, and a user's mistake becomes one line.
+
+Each script declares its settings once, as a dataclass whose fields carry their own help text:
+
+    @dataclass
+    class Config:
+        batch_size: int = arg(64, "images per GPU")
+        data: str | None = arg(None, "image folder; none: the synthetic set")
+
+and parses them with `parse(Config)`: every field becomes `--batch-size`, `--data` (bool fields get `--x / --no-x`,
+tuples take several values), `--help` lists them with their defaults, and a `presets` table (train.py's per-arch
+recipes) fills what the flags leave unset. A config class may validate itself in `__post_init__`: the ValueError it
+raises becomes a usage error that names the flag (exit status 2), like argparse's own.
+
+Errors: a mistake the user can fix (a missing file, a checkpoint of another architecture, a flag out of range) is
+raised as `UserError` and `run(main)` prints it as one `error: ...` line and exits 1, without a traceback. Anything
+else is a bug and keeps its traceback. `--debug` (or DINOV2_DEBUG=1) shows the traceback of user errors too.
+"""
+import argparse
+import dataclasses
+import os
+import sys
+import types
+import typing
+
+
+class UserError(ValueError):
+    """A problem with the user's input, printed as one `error:` line by run(). A ValueError, so that library callers
+    can catch bad input the usual way."""
+
+
+def arg(default=None, help="", **kwargs):
+    """A dataclass field with its --help text: `lr: float = arg(1e-3, "peak learning rate")`."""
+    if isinstance(default, (list, dict, set)):  # mutable defaults need a factory
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kwargs)
+    return dataclasses.field(default=default, metadata={"help": help}, **kwargs)
+
+
+def debug_mode() -> bool:
+    return os.environ.get("DINOV2_DEBUG", "") not in ("", "0") or "--debug" in sys.argv
+
+
+def run(main, *args, **kwargs):
+    """Call main(); a UserError is one `error:` line on stderr (rank 0 only under torchrun) and exit status 1."""
+    try:
+        return main(*args, **kwargs)
+    except UserError as e:
+        if debug_mode():
+            raise
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+
+
+def _unwrap_optional(tp):
+    """`X | None` -> (X, True); X -> (X, False)."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        rest = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(rest) == 1 and len(rest) < len(typing.get_args(tp)):
+            return rest[0], True
+    return tp, False
+
+
+def _add_flag(parser, f, tp, default):
+    """One argparse flag for a dataclass field of (resolved) type tp; its value is absent unless given."""
+    kind, _ = _unwrap_optional(tp)
+    shown = f" [default {default!r}]" if default is not dataclasses.MISSING else ""
+    help_ = (f.metadata.get("help", "") + shown).replace("%", "%%")
+    name = "--" + f.name.replace("_", "-")
+    kw = dict(default=argparse.SUPPRESS, help=help_)
+    if kind is bool:
+        parser.add_argument(name, action=argparse.BooleanOptionalAction, **kw)
+    elif typing.get_origin(kind) in (tuple, list):
+        args = typing.get_args(kind)
+        elem = args[0] if args else str
+        fixed = typing.get_origin(kind) is tuple and args and args[-1] is not Ellipsis
+        nargs = len(args) if fixed else "*" if typing.get_origin(kind) is list else "+"
+        parser.add_argument(name, type=elem, nargs=nargs, **kw)
+    elif kind in (int, float, str):
+        parser.add_argument(name, type=kind, **kw)
+    else:
+        raise TypeError(f"{f.name}: no flag for type {tp!r}")
+
+
+def build_parser(cls, description="", presets=None, preset_key="arch"):
+    """argparse parser for every field of the dataclass `cls` (see the module docstring)."""
+    epilog = f"Unset flags take the --{preset_key.replace('_', '-')} preset's value, else the default." \
+        if presets else None
+    parser = argparse.ArgumentParser(description=(description or "").strip().split("\n\n")[0], epilog=epilog)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING)
+        _add_flag(parser, f, hints[f.name], default)
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the full traceback of errors (same as DINOV2_DEBUG=1)")
+    return parser
+
+
+def parse(cls, argv=None, description="", presets=None, preset_key="arch", canonical=None):
+    """Settings of dataclass `cls` from the command line: flags > presets[value of preset_key] > field defaults.
+
+    `canonical` maps the preset key's value to its canonical name (train.py: vit_s -> vit_small); the ValueError it
+    raises for an unknown name is a usage error. Returns the config instance.
+    """
+    parser = build_parser(cls, description, presets, preset_key)
+    given = vars(parser.parse_args(argv))  # only the flags on the command line; unknown flags are an error
+    given.pop("debug", None)
+    given = {k: tuple(v) if isinstance(v, list) and isinstance(getattr(cls, k, None), tuple) else v
+             for k, v in given.items()}
+    try:
+        if presets is not None:
+            key = given.get(preset_key, getattr(cls, preset_key))
+            key = canonical(key) if canonical else key
+            return cls(**{**presets.get(key, {}), **given, preset_key: key})
+        return cls(**given)
+    except ValueError as e:  # __post_init__ checks and unknown preset names
+        parser.error(str(e))
+
+
+def changes(cfg, base=None) -> dict:
+    """{field: value} where cfg differs from the class defaults (or from `base`): what a preset and flags set."""
+    base = base if base is not None else type(cfg)()
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
+            if getattr(cfg, f.name) != getattr(base, f.name)}

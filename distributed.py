@@ -1,0 +1,69 @@
+"""The few distributed helpers every script shares: one process or many under torchrun, the same code.
+
+torchrun starts one process per GPU and tells each its place through the environment (RANK, WORLD_SIZE,
+LOCAL_RANK); `python script.py` sets none of them and runs as rank 0 of 1 with no process group. Every script calls
+`init(device)` once, then asks `rank_world()`, prints with `print0` and synchronises with `barrier()`, which all do
+the right thing in both cases. The backend is nccl on CUDA, gloo on CPU (the tests run 2 gloo processes).
+"""
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def is_dist() -> bool:
+    """True inside a process group (torchrun after init())."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank_world() -> tuple:
+    """(rank, world size): (0, 1) without a process group."""
+    return (dist.get_rank(), dist.get_world_size()) if is_dist() else (0, 1)
+
+
+def launched_by_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def print0(*args, **kwargs):
+    """print on rank 0 only (also before init(): torchrun's RANK tells)."""
+    rank = dist.get_rank() if is_dist() else int(os.environ.get("RANK", "0"))
+    if rank == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """"auto": cuda if available, else mps, else cpu. Under torchrun a CUDA device is this process's GPU
+    (LOCAL_RANK). A device that is not there is an error that says so."""
+    if name in ("auto", "", None):
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    kind = torch.device(name).type
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine (use --device cpu or auto)")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name}: Apple MPS is not available on this machine (use --device cpu or auto)")
+    if kind == "cuda" and torch.device(name).index is None:
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device(name)
+
+
+def init(device_name: str = "auto") -> tuple:
+    """The device and, under torchrun, the process group: returns (rank, world, device)."""
+    device = pick_device(device_name)
+    if launched_by_torchrun() and not is_dist():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    rank, world = rank_world()
+    return rank, world, device
+
+
+def barrier():
+    if is_dist():
+        dist.barrier()
+
+
+def close():
+    """Destroy the process group (torchrun warns at exit otherwise)."""
+    if is_dist():
+        dist.destroy_process_group()
