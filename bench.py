@@ -70,16 +70,11 @@ def timed(fn, n_warmup, n_steps, device):
 
 def bench_step(cfg, rank, world, device, strategy):
     student_p, student, teacher = train.build_models(cfg, strategy, device)
-    centers = train.make_centers(cfg, device)
-    fused = device.type == "cuda"
-    optimizer = torch.optim.AdamW(train.param_groups(student, cfg), fused=fused, foreach=not fused)
-    train.apply_schedules(optimizer, train.make_schedules(cfg, world), 0)
+    run = train.make_run(cfg, rank, world, device, strategy, student_p, student, teacher=teacher, ema=teacher)
     loader, _ = train.build_data(cfg, rank, world, 0, device)
     batch = train.to_device(next(iter(loader)), device)
-    autocast = train.autocast_for(device, strategy)
     student_p.train()
-    step = lambda: train.train_step(student_p, student, teacher, teacher, optimizer, centers, batch, 0.07, 0.999,
-                                    cfg, autocast)
+    step = lambda: train.train_step(run, batch, 0)
     seconds = timed(step, cfg.warmup, cfg.steps, device)
     flops = train.flops_per_image(student.backbone, cfg) * cfg.batch_size
     peak = train.peak_flops(device)

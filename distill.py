@@ -11,10 +11,10 @@ What changes:
      it, no gradients, eval mode. Its arch is read from the file.
   2. The student keeps an EMA of itself (the paper's "spare EMA"); that EMA is the final model: student_backbone.pth.
   3. No masking and no stochastic depth: the student sees whole global crops, and the iBOT loss compares every patch
-     token of the two global crops.
+     token of the two global crops (train.whole_crops, switched on by the run's declared `ibot_on_all_patches`).
   4. The student must have the teacher's prototypes and patch size (checked), so the heads' outputs can be compared.
 
-Public names: DistillConfig, load_frozen_teacher, whole_crops, distill.
+Public names: DistillConfig, load_frozen_teacher, distill.
 
     python distill.py --teacher runs/train/teacher.pth --arch vit_tiny          # after `python train.py --arch vit_s`
     torchrun --nproc_per_node=8 distill.py --teacher vitg_run/teacher.pth --arch vit_l --data /path/to/images
@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+import cli
 import train
 from train import Config
 
@@ -83,25 +84,17 @@ def load_frozen_teacher(cfg, strategy, device):
     return teacher.eval(), tcfg
 
 
-def whole_crops(batch, patch_size):
-    """3. No mask on the student's input; every patch token of the global crops is an iBOT target, each crop's tokens
-    weighted 1/N so that the iBOT loss is the mean over crops of the per-crop mean."""
-    g = batch["global_crops"]  # (2B, 3, H, W)
-    n = (g.shape[-2] // patch_size) * (g.shape[-1] // patch_size)
-    m = g.shape[0] * n
-    return dict(batch, masks=None, mask_indices=torch.arange(m, device=g.device),
-                mask_weights=torch.full((m,), 1.0 / n, device=g.device))
-
-
 def distill(cfg):
     rank, world, device, strategy, _ = train.setup(cfg)
     teacher, tcfg = load_frozen_teacher(cfg, strategy, device)
     train.print0(f"frozen teacher: {tcfg.arch} ({cfg.teacher}) -> student {cfg.arch}")
     # 2. build_models returns the student and an identical copy: here that copy is the student's EMA
     student_p, student, student_ema = train.build_models(cfg, strategy, device)
-    train.fit(cfg, rank, world, device, strategy, student_p, student, teacher=teacher, ema=student_ema,
-              export="student", prepare_batch=lambda b: whole_crops(b, cfg.patch_size))
+    # 3. the declared differences from DINOv2: targets from the frozen teacher, the EMA is the student's own, no
+    #    mask and every patch token a target (train.whole_crops), the exports named student*.pth
+    train.fit(train.make_run(cfg, rank, world, device, strategy, student_p, student, teacher=teacher,
+                             ema=student_ema, export="student", ibot_on_all_patches=True))
 
 
 if __name__ == "__main__":
-    distill(parse_distill_config())
+    cli.run(lambda: distill(parse_distill_config()))

@@ -10,14 +10,13 @@ Reading order:
     make_schedules         lr, weight decay, teacher momentum, teacher temperature: one value per iteration
     param_groups           layer-wise lr decay, patch-embed lr x0.2, no decay on biases / norms / LayerScale
     SSLModel               backbone + DINO head + iBOT head: the student, and (as an EMA copy) the teacher
-    build_models           student and teacher, on the meta device for big models
     parallelize            activation checkpointing, torch.compile, DDP or FSDP2: applied from outside the model
+    build_models           student and teacher, on the meta device for big models
     build_data             multi-crop + masking, a world-size-invariant stream of global batches
-    build_monitor          the online k-NN of the teacher on a labelled split (evaluate.KnnMonitor)
-    ssl_losses             one step of the objective: teacher targets, student predictions, the four terms
-    train_step             losses, backward, per-part clipping, AdamW, EMA
+    Run, train_step        ONE ITERATION: schedules, teacher targets, student, the four terms, update, EMA
+    train, fit             the run: resume, then the loop (step, log, checkpoint); distill.py reuses fit
+    Logger                 metrics.jsonl, the progress bar, the k-NN monitor, the collapse alarm
     Checkpointer           atomic save / exact resume (torch.distributed.checkpoint), teacher export
-    train, fit             the run: set-up, then the loop (schedules, step, log, checkpoint); distill.py reuses fit
 
 Run:
     python train.py                                   # laptop default: vit_tiny on synthetic images, CPU ok
@@ -315,7 +314,7 @@ def ema_update(teacher, student, momentum):
 
 
 # -----------------------------------------------------------------------------------------------------------------
-# Distributed set-up and parallelism, applied from outside the model (STYLE.md §5).
+# Parallelism, applied from outside the model: the model code knows nothing of DDP or FSDP2.
 
 def resolve_strategy(cfg, world, n_params):
     if cfg.strategy != "auto":
@@ -431,28 +430,90 @@ def build_monitor(cfg, n_images):
 
 
 # -----------------------------------------------------------------------------------------------------------------
-# One step of the objective (paper §4, released `SSLMetaArch.forward_backward`): the teacher's targets on unmasked
-# global crops, the student's predictions
-# on masked global crops and local crops, then DINO (cls, cross-view), iBOT (masked patches) and KoLeo.
+# One iteration of DINOv2 (paper §4; released `SSLMetaArch.forward_backward` and `train/train.py`), read top to
+# bottom: schedules, the teacher's targets, the student's predictions, the four loss terms, the update, the EMA.
 
-def ssl_losses(student, teacher, centers, batch, teacher_temp, cfg):
+@dataclass
+class Run:
+    """Everything an iteration touches, by name (built by `make_run`)."""
+    cfg: Config
+    rank: int
+    world: int
+    device: torch.device
+    strategy: str
+    student: SSLModel  # the student's modules: parameter groups, clipping per part, the source of the EMA
+    student_p: nn.Module  # the same model wrapped for training (DDP / FSDP2): the one whose forward is called
+    teacher: nn.Module  # gives the targets: the EMA of the student (a frozen, larger network in distillation)
+    ema: nn.Module  # follows the student: the teacher itself (the student's own EMA copy in distillation)
+    optimizer: torch.optim.Optimizer
+    centers: dict  # the softmax centering's running centres ({} for Sinkhorn-Knopp, which needs no state)
+    sched: dict  # lr, wd, momentum, teacher_temp, ...: one value per iteration
+    autocast: object  # bf16 autocast on CUDA, a no-op elsewhere
+    export: str = "teacher"  # name of the exported files: <export>.pth, <export>_backbone.pth
+    ibot_on_all_patches: bool = False  # distillation: no mask, every patch token of the global crops is a target
+
+    @property
+    def total(self):
+        return len(self.sched["lr"])
+
+
+def make_run(cfg, rank, world, device, strategy, student_p, student, teacher, ema, **kwargs):
+    fused = device.type == "cuda"  # one fused kernel on CUDA; the multi-tensor (foreach) path elsewhere
+    optimizer = torch.optim.AdamW(param_groups(student, cfg), betas=(0.9, 0.999), eps=1e-8, fused=fused,
+                                  foreach=not fused)
+    return Run(cfg, rank, world, device, strategy, student, student_p, teacher, ema, optimizer,
+               make_centers(cfg, device), make_schedules(cfg, world), autocast_for(device, strategy), **kwargs)
+
+
+def train_step(run, batch, step):
+    """One iteration on one (per-rank) batch. Returns the loss terms, the teacher's cls targets and the gradient
+    norms, all on the device: nothing here waits for the GPU."""
+    cfg, sched = run.cfg, run.sched
+    # 1. schedules: lr and weight decay of each parameter group, the teacher's momentum and temperature
+    apply_schedules(run.optimizer, sched, step)
+    momentum, teacher_temp = float(sched["momentum"][step]), float(sched["teacher_temp"][step])
+    if run.ibot_on_all_patches:
+        batch = whole_crops(batch, cfg.patch_size)
     g, l = batch["global_crops"], batch["local_crops"]  # (2B, 3, Hg, Wg), (L*B, 3, Hl, Wl)
     masks, idx, w = batch["masks"], batch["mask_indices"], batch["mask_weights"]  # (2B, N), (M,), (M,)
-    with torch.no_grad():
-        t = teacher(g, mask_indices=idx)  # unmasked global crops only; eval mode, no drop path
-        if cfg.centering == "sinkhorn_knopp":  # balanced jointly over both views and all ranks
-            t_cls = sinkhorn_knopp(t["global_logits"], teacher_temp)  # (2B, K)
-            t_patch = sinkhorn_knopp(t["patch_logits"], teacher_temp)  # (M, K)
-        else:  # softmax with the EMA centre of the earlier steps
-            t_cls = centers["dino"](t["global_logits"], teacher_temp)
-            t_patch = centers["ibot"](t["patch_logits"], teacher_temp)
-    s = student(g, l, masks=masks, mask_indices=idx)  # the masked crops serve DINO, iBOT and KoLeo at once
-    dino_global, dino_local = dino_loss(s["global_logits"], s["local_logits"], t_cls, cfg.student_temp)
-    ibot = ibot_loss(s["patch_logits"], t_patch, w, g.shape[0], cfg.student_temp)
-    koleo = sum(koleo_loss(c) for c in s["cls"].chunk(2))  # per view, summed, on this rank's batch
-    losses = dict(dino_global=cfg.dino_weight * dino_global, dino_local=cfg.dino_weight * dino_local,
-                  ibot=cfg.ibot_weight * ibot, koleo=cfg.koleo_weight * koleo)
-    return losses, t_cls
+    with run.autocast:
+        # 2. the teacher sees the unmasked global crops (no gradient, eval mode: no drop path) and its scores are
+        #    centred into targets: Sinkhorn-Knopp (balanced over the batch, all ranks) or softmax minus an EMA centre
+        with torch.no_grad():
+            t = run.teacher(g, mask_indices=idx)
+            if cfg.centering == "sinkhorn_knopp":
+                t_cls = sinkhorn_knopp(t["global_logits"], teacher_temp)  # (2B, K)
+                t_patch = sinkhorn_knopp(t["patch_logits"], teacher_temp)  # (M, K)
+            else:
+                t_cls = run.centers["dino"](t["global_logits"], teacher_temp)  # (2B, K)
+                t_patch = run.centers["ibot"](t["patch_logits"], teacher_temp)  # (M, K)
+        # 3. the student sees the masked global crops (one pass serves DINO, iBOT and KoLeo) and the local crops
+        s = run.student_p(g, l, masks=masks, mask_indices=idx)
+        # 4. DINO: each student crop's cls against the teacher's other global view; iBOT: each masked patch against
+        #    the teacher's token at that position; KoLeo: spread the cls features of each view over this rank's batch
+        dino_global, dino_local = dino_loss(s["global_logits"], s["local_logits"], t_cls, cfg.student_temp)
+        ibot = ibot_loss(s["patch_logits"], t_patch, w, g.shape[0], cfg.student_temp)
+        koleo = sum(koleo_loss(c) for c in s["cls"].chunk(2))
+        losses = dict(dino_global=cfg.dino_weight * dino_global, dino_local=cfg.dino_weight * dino_local,
+                      ibot=cfg.ibot_weight * ibot, koleo=cfg.koleo_weight * koleo)
+    # 5. backward, clip each part (backbone, heads) on its own, AdamW
+    run.optimizer.zero_grad(set_to_none=True)
+    sum(losses.values()).backward()
+    norms = clip_gradients(run.student.parts(), cfg.clip_grad)
+    run.optimizer.step()
+    # 6. the teacher follows: teacher <- m * teacher + (1 - m) * student
+    ema_update(run.ema, run.student, momentum)
+    return losses, t_cls, norms
+
+
+def whole_crops(batch, patch_size):
+    """Distillation's targets: no mask on the student's input, every patch token of the global crops an iBOT target,
+    each crop's tokens weighted 1/N (so the iBOT loss is the mean over crops of the per-crop mean)."""
+    g = batch["global_crops"]  # (2B, 3, H, W)
+    n = (g.shape[-2] // patch_size) * (g.shape[-1] // patch_size)
+    m = g.shape[0] * n
+    return dict(batch, masks=None, mask_indices=torch.arange(m, device=g.device),
+                mask_weights=torch.full((m,), 1.0 / n, device=g.device))
 
 
 def clip_gradients(parts, max_norm):
@@ -477,16 +538,170 @@ def autocast_for(device, strategy):
     return contextlib.nullcontext()
 
 
-def train_step(student_p, student, teacher, ema, optimizer, centers, batch, teacher_temp, momentum, cfg, autocast):
-    """Teacher and student forward, the four terms, backward, per-part clipping, AdamW, EMA. No host sync."""
-    with autocast:
-        losses, t_cls = ssl_losses(student_p, teacher, centers, batch, teacher_temp, cfg)
-    optimizer.zero_grad(set_to_none=True)
-    sum(losses.values()).backward()
-    norms = clip_gradients(student.parts(), cfg.clip_grad)
-    optimizer.step()
-    ema_update(ema, student, momentum)
-    return losses, t_cls, norms
+def make_centers(cfg, device):
+    if cfg.centering == "sinkhorn_knopp":
+        return {}  # Sinkhorn-Knopp needs no state
+    k_ibot = cfg.ibot_n_prototypes if cfg.separate_ibot_head else cfg.n_prototypes
+    return {"dino": SoftmaxCentering(cfg.n_prototypes).to(device), "ibot": SoftmaxCentering(k_ibot).to(device)}
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# The run: set-up, then the loop; the logging and checkpoint plumbing it calls come after it.
+
+def setup(cfg):
+    """Process group, device, and the parallelism strategy for this model size."""
+    rank, world, device = distributed.init(cfg.device)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    with torch.device("meta"):  # count without allocating
+        n_params = sum(p.numel() for p in build_ssl_model(cfg, 0.0).backbone.parameters())
+    return rank, world, device, resolve_strategy(cfg, world, n_params), n_params
+
+
+def train(cfg):
+    """DINOv2: the teacher is the EMA of the student and gives the targets."""
+    rank, world, device, strategy, _ = setup(cfg)
+    student_p, student, teacher = build_models(cfg, strategy, device)
+    fit(make_run(cfg, rank, world, device, strategy, student_p, student, teacher=teacher, ema=teacher))
+
+
+def fit(run):
+    """Resume, then iterate: the step, its log line, a checkpoint every --save-every steps; the exports at the end."""
+    cfg = run.cfg
+    out = Path(cfg.out)
+    if run.rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    barrier()
+    ckpt = Checkpointer(out, cfg.keep_last, run.rank)
+    start = 0
+    latest = ckpt.latest() if cfg.resume else None
+    if latest is not None:
+        start = ckpt.load(latest, run.student, run.ema, run.optimizer, run.centers, cfg)
+        print0(f"resumed from {latest} at step {start}")
+    loader, n_images = build_data(cfg, run.rank, run.world, start, run.device)
+    log = Logger(run, start, n_images, ckpt)
+    data = iter(loader)
+    run.student_p.train()
+    stopping = False
+    try:
+        for step in range(start, run.total):
+            batch = to_device(next(data), run.device)
+            torch.manual_seed(cfg.seed * 1_000_003 + step * 1_009 + run.rank)  # drop path: a function of (step, rank)
+            losses, t_cls, norms = train_step(run, batch, step)
+            stopping = log.step(step, losses, t_cls, norms)  # on log steps only: one host sync, a stop agreed
+            if (step + 1) % cfg.save_every == 0 or step + 1 == run.total or stopping:
+                path = ckpt.save(step + 1, run.student, run.ema, run.optimizer, run.centers, cfg)
+                ckpt.export(run.ema, cfg, run.export)
+                if stopping:
+                    print0(f"\nstopped at step {step + 1}: saved {path}; run the same command to resume")
+                    break
+    finally:
+        log.close()
+    if run.rank == 0:
+        plot_run(out)
+        print(f"done: {out / (run.export + '_backbone.pth')} (hub layout), metrics in {out / 'metrics.jsonl'}")
+    distributed.close()
+    if stopping:
+        raise SystemExit(130)  # interrupted: a script that chains commands must not take this for a finished run
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Logging: the loss terms accumulate on the device; every --log-every steps (and at monitor steps) one host sync
+# reduces them over ranks, checks them, and rank 0 appends a row to metrics.jsonl and updates the progress bar.
+
+TERMS = ("dino_global", "dino_local", "ibot", "koleo")
+
+
+class Logger:
+    def __init__(self, run, start, n_images, ckpt):
+        cfg, self.run, self.ckpt = run.cfg, run, ckpt
+        self.out = Path(cfg.out)
+        self.monitor = build_monitor(cfg, n_images)  # every rank runs it: an FSDP teacher needs all for a forward
+        self.alarm = CollapseAlarm(cfg.n_prototypes, window=max(20, run.total // 10))  # a tenth of the run, >= 20
+        self.knn = None  # the monitor's last k-NN top-1
+        self.flops = flops_per_image(run.student.backbone, cfg) * cfg.batch_size  # per rank and step
+        self.peak = peak_flops(run.device)
+        self.running = torch.zeros(len(TERMS) + 1, device=run.device)  # summed terms + step count (no sync)
+        self.first_bad = torch.full((len(TERMS),), -1, dtype=torch.long, device=run.device)  # per term
+        self.stop = StopRequest()
+        if run.rank == 0:
+            self.describe(n_images)
+            metrics = self.out / "metrics.jsonl"
+            if metrics.exists():  # keep the history up to the resumed step
+                rows = [r for r in metrics.read_text().splitlines() if r and json.loads(r)["step"] <= start]
+                metrics.write_text("".join(r + "\n" for r in rows))
+        self.bar = tqdm(total=run.total, initial=start, disable=run.rank != 0, dynamic_ncols=True, desc=run.export)
+        self.t_last = time.perf_counter()
+
+    def describe(self, n_images):
+        run, cfg = self.run, self.run.cfg
+        print(json.dumps(dataclasses.asdict(cfg), indent=1))
+        print(f"changed from the defaults (preset and flags): {cli.changes(cfg)}")
+        print(f"derived: world {run.world}, strategy {run.strategy}, device {run.device}, global batch "
+              f"{cfg.batch_size * run.world}, peak lr {run.sched['lr'].max():.3g}, iterations {run.total}, images "
+              f"{n_images}, train GFLOPs/image {self.flops / cfg.batch_size / 1e9:.2f}", flush=True)
+        if self.monitor is not None:
+            print(f"k-NN monitor: every {cfg.monitor_every} steps, {len(self.monitor.labels[0])} bank images, "
+                  f"{len(self.monitor.labels[1])} queries; raw-pixel k-NN on the same split "
+                  f"{self.monitor.raw_pixels:.1f}%", flush=True)
+
+    def step(self, step, losses, t_cls, norms):
+        """Accumulate this step's terms; at a log step write the row. Returns True when every rank agreed to stop."""
+        run, cfg = self.run, self.run.cfg
+        vals = torch.stack([losses[k].detach().float() for k in TERMS])
+        self.running += torch.cat([vals, vals.new_ones(1)])
+        self.first_bad = torch.where((self.first_bad < 0) & ~torch.isfinite(vals), step, self.first_bad)
+        self.bar.update(1)
+        last = step + 1 == run.total
+        monitor_now = self.monitor is not None and ((step + 1) % cfg.monitor_every == 0 or last)
+        if not ((step + 1) % cfg.log_every == 0 or last or monitor_now or (self.stop.requested and not is_dist())):
+            return False
+        stats = torch.cat([self.running, torch.tensor([float(self.stop.requested)], device=run.device)])
+        if is_dist():
+            dist.all_reduce(stats)  # sums over ranks; a stop asked on any rank stops all of them
+            dist.all_reduce(self.first_bad, op=dist.ReduceOp.MAX)
+        stats, bad = stats.tolist(), self.first_bad.tolist()  # the one host sync per log step
+        if max(bad) >= 0:
+            bad_step, name = min((b, t) for b, t in zip(bad, TERMS) if b >= 0)
+            raise FloatingPointError(
+                f"non-finite loss: term '{name}' at step {bad_step}; nothing was saved after it, the last good "
+                f"checkpoint is {self.ckpt.latest()} (running the same command resumes from it)")
+        now = time.perf_counter()
+        n_steps = stats[len(TERMS)] / run.world
+        means = {k: stats[i] / stats[len(TERMS)] for i, k in enumerate(TERMS)}
+        # this rank's gradient norms and teacher diagnostics, fetched in one copy
+        *norm_vals, entropy, used, rho = torch.stack([*norms.values(), *teacher_diagnostics(t_cls)]).tolist()
+        teacher_temp = float(run.sched["teacher_temp"][step])
+        row = dict(step=step + 1, loss=sum(means.values()), **means, lr=float(run.sched["lr"][step]),
+                   wd=float(run.sched["wd"][step]), momentum=float(run.sched["momentum"][step]),
+                   teacher_temp=teacher_temp, **dict(zip(norms, norm_vals)), teacher_entropy=entropy,
+                   prototypes_used=int(used), teacher_view_corr=rho,
+                   images_per_s=n_steps * cfg.batch_size * run.world / (now - self.t_last))
+        if run.device.type == "cuda":
+            row["peak_mem_gb"] = torch.cuda.max_memory_allocated(run.device) / 2**30
+            if self.peak:
+                row["mfu"] = n_steps * self.flops / (now - self.t_last) / self.peak
+        self.running.zero_()
+        alert = self.alarm.update(step + 1, entropy, int(used), t_cls.shape[0], rho, cfg.student_temp / teacher_temp)
+        if alert:
+            row["alarm"] = alert
+            if run.rank == 0:
+                tqdm.write(alert)
+        if monitor_now:  # after the throughput figure, which it must not count
+            with run.autocast:
+                self.knn = self.monitor(lambda x: run.ema(x)["cls"], run.device)
+            row.update(knn_top1=self.knn, knn_raw_pixels=self.monitor.raw_pixels, monitor_s=time.perf_counter() - now)
+        self.t_last = time.perf_counter()
+        if run.rank == 0:
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+            self.bar.set_postfix(loss=f"{row['loss']:.3f}", dino=f"{means['dino_global'] + means['dino_local']:.3f}",
+                                 ibot=f"{means['ibot']:.3f}", koleo=f"{means['koleo']:.3f}",
+                                 **({} if self.knn is None else {"knn": f"{self.knn:.1f}%"}))
+        return stats[-1] > 0
+
+    def close(self):
+        self.bar.close()
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -570,7 +785,7 @@ def atomic_save(obj, path):
 
 
 # -----------------------------------------------------------------------------------------------------------------
-# Logging: rank 0 prints and appends one JSON line per log step to metrics.jsonl.
+# Throughput, Ctrl-C, the loss plot.
 
 PEAK_BF16_TFLOPS = {"H200": 989, "H100": 989, "A100": 312, "L40S": 362, "A10G": 70, "RTX 4090": 165,
                     "RTX 3090": 71}  # dense bf16 tensor-core peaks from the vendors' data sheets
@@ -610,163 +825,6 @@ def to_device(batch, device):
     return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
-# -----------------------------------------------------------------------------------------------------------------
-
-def setup(cfg):
-    """Process group, device, output folder, and the parallelism strategy for this model size."""
-    rank, world, device = distributed.init(cfg.device)
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-    with torch.device("meta"):  # count without allocating
-        n_params = sum(p.numel() for p in build_ssl_model(cfg, 0.0).backbone.parameters())
-    return rank, world, device, resolve_strategy(cfg, world, n_params), n_params
-
-
-def make_centers(cfg, device):
-    if cfg.centering == "sinkhorn_knopp":
-        return {}  # Sinkhorn-Knopp needs no state
-    k_ibot = cfg.ibot_n_prototypes if cfg.separate_ibot_head else cfg.n_prototypes
-    return {"dino": SoftmaxCentering(cfg.n_prototypes).to(device), "ibot": SoftmaxCentering(k_ibot).to(device)}
-
-
-def train(cfg):
-    """DINOv2: the teacher is the EMA of the student and gives the targets."""
-    rank, world, device, strategy, n_params = setup(cfg)
-    student_p, student, teacher = build_models(cfg, strategy, device)
-    fit(cfg, rank, world, device, strategy, student_p, student, teacher=teacher, ema=teacher, export="teacher")
-
-
-def fit(cfg, rank, world, device, strategy, student_p, student, teacher, ema, export, prepare_batch=None):
-    """The training loop. `teacher` gives the targets, `ema` follows the student (the same model in DINOv2; a frozen
-    teacher and a student EMA in distillation), `export` names the exported files, `prepare_batch` adapts a batch."""
-    out = Path(cfg.out)
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-    barrier()
-    centers = make_centers(cfg, device)
-    fused = device.type == "cuda"  # one fused kernel on CUDA; the multi-tensor (foreach) path elsewhere
-    optimizer = torch.optim.AdamW(param_groups(student, cfg), betas=(0.9, 0.999), eps=1e-8, fused=fused,
-                                  foreach=not fused)
-    sched = make_schedules(cfg, world)
-    total = len(sched["lr"])
-
-    ckpt = Checkpointer(out, cfg.keep_last, rank)
-    start = 0
-    latest = ckpt.latest() if cfg.resume else None
-    if latest is not None:
-        start = ckpt.load(latest, student, ema, optimizer, centers, cfg)
-        print0(f"resumed from {latest} at step {start}")
-
-    loader, n_images = build_data(cfg, rank, world, start, device)
-    monitor = build_monitor(cfg, n_images)  # every rank runs it: an FSDP teacher needs all of them for a forward
-    alarm = CollapseAlarm(cfg.n_prototypes, window=max(20, total // 10))  # a tenth of the run, 20 steps at least
-    knn = None  # the monitor's last k-NN top-1
-    autocast = autocast_for(device, strategy)
-    flops = flops_per_image(student.backbone, cfg) * cfg.batch_size  # per rank and step
-    peak = peak_flops(device)
-    if rank == 0:
-        print(json.dumps(dataclasses.asdict(cfg), indent=1))
-        print(f"derived: world {world}, strategy {strategy}, device {device}, global batch {cfg.batch_size * world}, "
-              f"peak lr {sched['lr'].max():.3g}, iterations {total}, images {n_images}, "
-              f"train GFLOPs/image {flops / cfg.batch_size / 1e9:.2f}", flush=True)
-        if monitor is not None:
-            print(f"k-NN monitor: every {cfg.monitor_every} steps, {len(monitor.labels[0])} bank images, "
-                  f"{len(monitor.labels[1])} queries; raw-pixel k-NN on the same split {monitor.raw_pixels:.1f}%")
-        metrics_path = out / "metrics.jsonl"
-        if metrics_path.exists():  # keep the history up to the resumed step
-            rows = [r for r in metrics_path.read_text().splitlines() if r and json.loads(r)["step"] <= start]
-            metrics_path.write_text("".join(r + "\n" for r in rows))
-
-    stop = StopRequest()
-    stopping = False  # a stop every rank agreed on (the flags are reduced at log steps, so no rank runs ahead)
-    terms = ("dino_global", "dino_local", "ibot", "koleo")
-    running = torch.zeros(len(terms) + 1, device=device)  # summed loss terms + step count, on device (no sync)
-    first_bad = torch.full((len(terms),), -1, dtype=torch.long, device=device)  # first non-finite step per term
-    bar = tqdm(total=total, initial=start, disable=rank != 0, dynamic_ncols=True, desc=export)
-    t_last = time.perf_counter()
-    data_iter = iter(loader)
-    student_p.train()
-    try:
-        for step in range(start, total):
-            # 1. schedules
-            apply_schedules(optimizer, sched, step)
-            momentum, teacher_temp = float(sched["momentum"][step]), float(sched["teacher_temp"][step])
-            batch = to_device(next(data_iter), device)
-            if prepare_batch is not None:
-                batch = prepare_batch(batch)
-            torch.manual_seed(cfg.seed * 1_000_003 + step * 1_009 + rank)  # drop path: a function of (step, rank)
-            # 2-5. teacher forward, student forward, losses, backward, clip, step, EMA
-            losses, t_cls, norms = train_step(student_p, student, teacher, ema, optimizer, centers, batch,
-                                              teacher_temp, momentum, cfg, autocast)
-            # 6. bookkeeping stays on the device: no host sync inside the step
-            vals = torch.stack([losses[k].detach().float() for k in terms])
-            running += torch.cat([vals, vals.new_ones(1)])
-            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(vals), step, first_bad)
-            bar.update(1)
-
-            last = step + 1 == total
-            monitor_now = monitor is not None and ((step + 1) % cfg.monitor_every == 0 or last)
-            if (step + 1) % cfg.log_every == 0 or last or monitor_now or (stop.requested and not is_dist()):
-                stats = torch.cat([running, torch.tensor([float(stop.requested)], device=device)])
-                if is_dist():
-                    dist.all_reduce(stats)  # sums over ranks; a stop asked on any rank stops all of them
-                    dist.all_reduce(first_bad, op=dist.ReduceOp.MAX)
-                stats, bad = stats.tolist(), first_bad.tolist()  # the one host sync per log step
-                if max(bad) >= 0:
-                    bad_step, name = min((b, t) for b, t in zip(bad, terms) if b >= 0)
-                    raise FloatingPointError(
-                        f"non-finite loss: term '{name}' at step {bad_step}; nothing was saved after it, the last "
-                        f"good checkpoint is {ckpt.latest()} (running the same command resumes from it)")
-                stopping = stats[-1] > 0
-                now = time.perf_counter()
-                n_steps = stats[len(terms)] / world
-                means = {k: stats[i] / stats[len(terms)] for i, k in enumerate(terms)}
-                # this rank's gradient norms and teacher diagnostics, fetched in one copy
-                *norm_vals, entropy, used, rho = torch.stack([*norms.values(), *teacher_diagnostics(t_cls)]).tolist()
-                row = dict(step=step + 1, loss=sum(means.values()), **means, lr=float(sched["lr"][step]),
-                           wd=float(sched["wd"][step]), momentum=momentum, teacher_temp=teacher_temp,
-                           **dict(zip(norms, norm_vals)), teacher_entropy=entropy, prototypes_used=int(used),
-                           teacher_view_corr=rho,
-                           images_per_s=n_steps * cfg.batch_size * world / (now - t_last))
-                if device.type == "cuda":
-                    row["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-                    if peak:
-                        row["mfu"] = n_steps * flops / (now - t_last) / peak
-                running.zero_()
-                alert = alarm.update(step + 1, entropy, int(used), t_cls.shape[0], rho, cfg.student_temp / teacher_temp)
-                if alert:
-                    row["alarm"] = alert
-                    if rank == 0:
-                        tqdm.write(alert)
-                if monitor_now:  # after the throughput figure, which it must not count
-                    with autocast:
-                        knn = monitor(lambda x: ema(x)["cls"], device)
-                    row.update(knn_top1=knn, knn_raw_pixels=monitor.raw_pixels,
-                               monitor_s=time.perf_counter() - now)
-                t_last = time.perf_counter()
-                if rank == 0:
-                    with open(out / "metrics.jsonl", "a") as f:
-                        f.write(json.dumps(row) + "\n")
-                    bar.set_postfix(loss=f"{row['loss']:.3f}", dino=f"{means['dino_global'] + means['dino_local']:.3f}",
-                                    ibot=f"{means['ibot']:.3f}", koleo=f"{means['koleo']:.3f}",
-                                    **({} if knn is None else {"knn": f"{knn:.1f}%"}))
-            if (step + 1) % cfg.save_every == 0 or last or stopping:
-                path = ckpt.save(step + 1, student, ema, optimizer, centers, cfg)
-                ckpt.export(ema, cfg, export)
-                if stopping:
-                    print0(f"\nstopped at step {step + 1}: saved {path}; run the same command to resume")
-                    break
-    finally:
-        bar.close()
-    if rank == 0:
-        plot_run(out)
-        print(f"done: {out / (export + '_backbone.pth')} (hub layout), metrics in {out / 'metrics.jsonl'}")
-    if is_dist():
-        dist.destroy_process_group()
-    if stopping:
-        raise SystemExit(130)  # interrupted: a script that chains commands must not take this for a finished run
-
-
 def plot_run(out):
     try:
         from visualize import plot_curves
@@ -776,4 +834,4 @@ def plot_run(out):
 
 
 if __name__ == "__main__":
-    train(parse_config())
+    cli.run(lambda: train(parse_config()))

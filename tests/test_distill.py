@@ -37,8 +37,8 @@ def test_frozen_teacher_is_bit_identical_after_steps(teacher_file, tmp_path):
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     student_p, student, student_ema = train.build_models(cfg, "none", device)
     ema_before = [p.clone() for p in student_ema.parameters()]
-    train.fit(cfg, 0, 1, device, "none", student_p, student, teacher=teacher, ema=student_ema, export="student",
-              prepare_batch=lambda b: distill.whole_crops(b, cfg.patch_size))
+    train.fit(train.make_run(cfg, 0, 1, device, "none", student_p, student, teacher=teacher, ema=student_ema,
+                             export="student", ibot_on_all_patches=True))
     after = teacher.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
@@ -49,7 +49,7 @@ def test_frozen_teacher_is_bit_identical_after_steps(teacher_file, tmp_path):
 
 def test_whole_crops_targets_every_patch_token():
     g = torch.zeros(6, 3, 56, 56)  # 2B = 6 crops of 4x4 patches
-    b = distill.whole_crops({"global_crops": g, "masks": torch.ones(6, 16, dtype=torch.bool)}, 14)
+    b = train.whole_crops({"global_crops": g, "masks": torch.ones(6, 16, dtype=torch.bool)}, 14)
     assert b["masks"] is None
     assert torch.equal(b["mask_indices"], torch.arange(96))
     assert torch.allclose(b["mask_weights"], torch.full((96,), 1 / 16))

@@ -112,25 +112,29 @@ def test_ema_update_formula():
 
 def test_one_step_leaves_teacher_to_the_ema():
     cfg = train.parse_config(argv=TINY)
-    student_p, student, teacher = train.build_models(cfg, "none", torch.device("cpu"))
-    opt = torch.optim.AdamW(param_groups(student, cfg))
-    in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
+    cpu = torch.device("cpu")
+    student_p, student, teacher = train.build_models(cfg, "none", cpu)
+    run = train.make_run(cfg, 0, 1, cpu, "none", student_p, student, teacher=teacher, ema=teacher)
+    in_opt = {id(p) for g in run.optimizer.param_groups for p in g["params"]}
     assert not any(id(p) in in_opt for p in teacher.parameters())  # the optimizer never sees the teacher
     assert all(not p.requires_grad for p in teacher.parameters()) and not teacher.training
-    loader, _ = train.build_data(cfg, 0, 1, 0, torch.device("cpu"))
+    loader, _ = train.build_data(cfg, 0, 1, 0, cpu)
     batch = next(iter(loader))
     assert batch["masks"].any() and batch["local_crops"].shape[0] == 2 * 4
     t_before = [p.clone() for p in teacher.parameters()]
-    losses, _ = train.ssl_losses(student_p, teacher, train.make_centers(cfg, torch.device("cpu")), batch, 0.04, cfg)
+    s_before = [p.clone() for p in student.parameters()]
+    step = run.total // 2  # past the warm-up: lr > 0
+    assert run.sched["lr"][step] > 0
+    losses, t_cls, norms = train.train_step(run, batch, step)
     assert set(losses) == {"dino_global", "dino_local", "ibot", "koleo"}
     assert all(torch.isfinite(v) for v in losses.values()) and losses["ibot"] > 0
-    sum(losses.values()).backward()
+    assert set(norms) == {"grad_norm_" + k for k in student.parts()}
     assert all(p.grad is None for p in teacher.parameters())
     assert all(p.grad is not None for n, p in student.named_parameters() if "register" not in n)
-    opt.step()
-    train.ema_update(teacher, student, 0.99)
+    momentum = float(run.sched["momentum"][step])
     for p, p0, q in zip(teacher.parameters(), t_before, student.parameters()):
-        torch.testing.assert_close(p, 0.99 * p0 + 0.01 * q, rtol=0, atol=1e-6)
+        torch.testing.assert_close(p, momentum * p0 + (1 - momentum) * q, rtol=0, atol=1e-6)
+    assert any(not torch.equal(p, p0) for p, p0 in zip(student.parameters(), s_before))  # AdamW moved the student
 
 
 # ------------------------------------------------------------------------------------------------------------------
