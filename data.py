@@ -10,16 +10,17 @@ Public names, in reading order:
     convert_to_rgb(img), load_image(path)                  any file / PIL mode -> upright RGB
     CropParams, MultiCropAugmentation                      2 global + n_local crops per image
     MaskingGenerator                                       random rectangular blocks on the patch grid
-    MultiCropCollate                                       stacks crops view-major, draws the iBOT masks
+    MultiCropCollate                                       a rank's slice of a global batch, with its iBOT masks
     ImageFolderDataset                                     folder / class sub-folders / .txt list of paths
     SyntheticDataset, SYNTHETIC_SHAPES                     drawn objects with labels and foreground masks
-    InfiniteSampler                                        per-rank shard of an endless shuffled stream
-    seeded, MultiCropDataset, GlobalBatchCollate,          the training stream: global batches cut into rank
-    GlobalBatchSampler                                     slices, every draw seeded by stream position
+    stream_seed, seeded                                    the one seed formula: (seed, purpose, position)
+    GlobalBatchSampler, MultiCropDataset                   the training stream: global batches cut into rank
+                                                           slices, every draw seeded by stream position
 
-Randomness: every random draw comes from a `random.Random` seeded with a number drawn from torch's global RNG
-(`torch_seed()`), once per image (augmentation) or per batch (collate). torch.manual_seed therefore fixes
-everything, and DataLoader workers (which torch seeds as base_seed + worker_id) draw different streams.
+Randomness: an augmentation draws from a `random.Random` seeded from torch's global RNG (`torch_seed()`), so
+torch.manual_seed fixes it. In training, each image's augmentation runs under seeded(stream_seed(seed, AUGMENT,
+position)) and each batch's masks come from stream_seed(seed, MASK, step, crop): the data of a step is a function
+of its place in the stream alone, whatever the number of ranks and DataLoader workers.
 
 Run `python data.py` to print the masking statistics (200 batches of 64 images, 16x16 grid) and the augmentation
 speed (images/s for one worker, the full 2 x 224 + 8 x 98 pipeline on a 500x375 photo-sized JPEG).
@@ -294,36 +295,47 @@ class MaskingGenerator:
 
 
 class MultiCropCollate:
-    """Collate a list of (crops_dict, label) into one batch and draw the iBOT masks of the global crops.
+    """Collate one rank's slice of a global batch, [(stream position, (crops_dict, label))] * B, into the batch the
+    loop uses, and draw the iBOT masks of its global crops.
 
     Stacking is view-major (crop j of image b at row j * B + b), so the first B rows are view 0 of every image.
-    Exactly int(2B * mask_probability) global crops are masked; masked crop i targets int(N * U(p_i, p_i+1)) patches
-    with p = linspace(min_ratio, max_ratio, n + 1) (stratified ratios), and the masks are shuffled across all 2B
-    crops, so the two views of one image are masked independently.
+    Masks (released `collate.py`): exactly int(2B * mask_probability) global crops of the *global* batch are masked;
+    masked crop i targets int(N * U(p_i, p_i+1)) patches with p = linspace(min_ratio, max_ratio, n + 1) (stratified
+    ratios), and the targets are shuffled across all crops, so the two views of one image are masked independently.
+    Every draw is seeded by (seed, step, crop), with step and rank read from the stream positions.
+    NOTE(deviation): the released collate stratifies over each GPU's own 2B crops; here over the global batch, so a
+    rank's masks are its slice of those a single process draws for the same global batch: same statistics, and
+    DDP / FSDP runs reproduce a single-process run exactly.
     `local_size` (optional) only sets the shape of the empty local tensor when there are no local crops.
     """
 
-    def __init__(self, mask_generator, mask_ratio=(0.1, 0.5), mask_probability=0.5, local_size=None):
+    def __init__(self, mask_generator, mask_ratio=(0.1, 0.5), mask_probability=0.5, world=1, seed=0,
+                 local_size=None):
         self.mask_generator = mask_generator
         self.mask_ratio = tuple(mask_ratio)
         self.mask_probability = mask_probability
-        self.local_size = local_size
+        self.world, self.seed, self.local_size = world, seed, local_size
 
-    def sample_masks(self, n_crops, rng) -> np.ndarray:
-        """(n_crops, N) bool masks, exactly int(n_crops * mask_probability) of them drawn, the rest all False."""
-        n_masked_crops = int(n_crops * self.mask_probability)
-        probs = np.linspace(*self.mask_ratio, n_masked_crops + 1)
-        n_patches = self.mask_generator.num_patches
-        masks = [self.mask_generator(int(n_patches * rng.uniform(probs[i], probs[i + 1])), rng=rng)
-                 for i in range(n_masked_crops)]
-        masks += [np.zeros((self.mask_generator.height, self.mask_generator.width), dtype=bool)] * (
-            n_crops - n_masked_crops)
-        rng.shuffle(masks)
-        return np.stack(masks).reshape(n_crops, n_patches)  # (2B, N)
+    def sample_masks(self, step, rank, B) -> np.ndarray:
+        """(2B, N) bool masks of rank's slice of global batch `step` (B images per rank, 2 global crops each)."""
+        n_all = 2 * B * self.world  # global crops of the whole global batch, view-major
+        step_rng = random.Random(stream_seed(self.seed, MASK, step))
+        n_masked = int(n_all * self.mask_probability)
+        probs = np.linspace(*self.mask_ratio, n_masked + 1)
+        grid = self.mask_generator
+        targets = [int(grid.num_patches * step_rng.uniform(probs[i], probs[i + 1])) for i in range(n_masked)]
+        targets += [0] * (n_all - n_masked)
+        step_rng.shuffle(targets)
+        rows = [v * B * self.world + rank * B + i for v in range(2) for i in range(B)]  # this rank's crops
+        masks = [grid(targets[r], rng=random.Random(stream_seed(self.seed, MASK, step, r))) if targets[r]
+                 else np.zeros((grid.height, grid.width), dtype=bool) for r in rows]
+        return np.stack(masks).reshape(2 * B, grid.num_patches)  # (2B, N)
 
-    def __call__(self, batch) -> dict:
-        crops = [sample[0] for sample in batch]
+    def __call__(self, items) -> dict:
+        positions = [pos for pos, _ in items]
+        crops = [sample[0] for _, sample in items]
         B = len(crops)
+        step, first = divmod(positions[0], B * self.world)  # which global batch, and where this rank's slice starts
         n_global, n_local = len(crops[0]["global_crops"]), len(crops[0]["local_crops"])
         global_crops = torch.stack([c["global_crops"][j] for j in range(n_global) for c in crops])  # (2B, 3, Hg, Wg)
         if n_local:
@@ -335,8 +347,7 @@ class MultiCropCollate:
         global_crops, local_crops = global_crops.float(), local_crops.float()
 
         # The mask bookkeeping is done in numpy: tiny arrays, and no intra-op thread pool to wait on.
-        # np.asarray also accepts a torch tensor from a subclass's sample_masks.
-        masks = np.asarray(self.sample_masks(n_global * B, random.Random(torch_seed())))  # (2B, N) bool
+        masks = self.sample_masks(step, first // B, B)                         # (2B, N) bool
         counts = masks.sum(-1)                                                  # (2B,) masked tokens per crop
         mask_indices = np.flatnonzero(masks)                                    # (M,) into masks.flatten()
         # Each masked token weighs 1 / (masked tokens of its crop), so every masked crop counts once in iBOT.
@@ -350,7 +361,7 @@ class MultiCropCollate:
             "mask_indices": torch.from_numpy(mask_indices).long(),
             "mask_weights": torch.from_numpy(mask_weights).float(),
             "n_masked": int(mask_indices.size),
-            "labels": torch.tensor([sample[1] for sample in batch], dtype=torch.long),
+            "labels": torch.tensor([sample[1] for _, sample in items], dtype=torch.long),
         }
 
 
@@ -600,43 +611,23 @@ class SyntheticDataset(torch.utils.data.Dataset):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Sampler (released `dinov2/data/samplers.py`)
+# The training stream (train.py, distill.py): one endless shuffled stream of images cut into global batches, of
+# which each rank takes its slice. Every random draw of the data (order, augmentations, masks) is seeded by its
+# position in the stream, so the data of step s is the same whatever the number of ranks and DataLoader workers,
+# and a resumed run continues it exactly.
 # ---------------------------------------------------------------------------------------------------------------
 
-class InfiniteSampler(torch.utils.data.Sampler):
-    """An endless stream of dataset indices; each rank gets its own shard, reshuffled on every pass.
-
-    One global permutation randperm(size, seed); rank r takes perm[r::world_size] (the last size % world_size
-    entries of the permutation are dropped, as in the released code, so every rank's shard has the same length);
-    pass p over the shard uses the order randperm(shard_len) with seed  seed + rank + (p << 24).
-    `start` = indices this rank already consumed: iteration begins at pass start // shard_len, offset
-    start % shard_len, without replaying earlier passes.
-    """
-
-    def __init__(self, size, rank=0, world_size=1, seed=0, start=0):
-        if size < world_size:
-            raise ValueError(f"dataset of {size} samples cannot be sharded over {world_size} ranks")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} not in [0, {world_size})")
-        self.size, self.rank, self.world_size, self.seed, self.start = size, rank, world_size, seed, start
-        self.shard_len = size // world_size
-
-    def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed)
-        perm = torch.randperm(self.size, generator=generator)
-        shard = perm[self.rank:self.shard_len * self.world_size:self.world_size]  # (shard_len,)
-        pass_index, offset = divmod(self.start, self.shard_len)
-        while True:
-            generator.manual_seed(self.seed + self.rank + (pass_index << 24))
-            yield from shard[torch.randperm(self.shard_len, generator=generator)][offset:].tolist()
-            pass_index, offset = pass_index + 1, 0
+SHUFFLE, AUGMENT, MASK, DROP_PATH = 1, 2, 3, 4  # what a seed is for: the first key of stream_seed
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# The training stream (train.py, distill.py): each global batch is a fixed slice of one shuffled stream, so the
-# data of step s does not depend on the number of ranks; every random draw of the data (augmentations, masks) is
-# seeded by the sample's position in the stream.
-# ---------------------------------------------------------------------------------------------------------------
+def stream_seed(seed, *keys) -> int:
+    """The one seed formula of the data and the loop: (run seed, purpose, step / position, ...) -> a 63-bit seed.
+    Distinct key tuples give distinct seeds (a polynomial in a prime base; the keys are far below it)."""
+    h = seed
+    for k in keys:
+        h = (h * 1_000_003 + k) % 2**63
+    return h
+
 
 @contextlib.contextmanager
 def seeded(seed):
@@ -650,8 +641,44 @@ def seeded(seed):
             random.setstate(py), np.random.set_state(npy)
 
 
+class GlobalBatchSampler:
+    """Yields this rank's slice of each global batch: [(dataset index, stream position)] * batch_size.
+
+    The stream visits the dataset in passes, pass p in the order randperm(n) seeded by (seed, SHUFFLE, p); global
+    batch s is positions [s * GB, (s + 1) * GB), GB = batch_size * world, and rank r takes the r-th slice of it.
+    `start_step` resumes at global batch start_step without replaying the passes before it.
+    NOTE(deviation): the released sampler (`samplers.py`) gives each rank its own shuffled shard; here one global
+    stream, so a run resumed on a different number of GPUs continues the same data, and DDP / FSDP runs see exactly
+    the batches of a single-process run (the tests check this).
+    """
+
+    def __init__(self, n, batch_size, rank=0, world=1, seed=0, start_step=0):
+        if n < 1:
+            raise ValueError("the dataset is empty")
+        self.n, self.B, self.rank, self.world, self.seed, self.start = n, batch_size, rank, world, seed, start_step
+
+    def order(self, pass_index):
+        g = torch.Generator().manual_seed(stream_seed(self.seed, SHUFFLE, pass_index))
+        return torch.randperm(self.n, generator=g).tolist()
+
+    def __iter__(self):
+        gb = self.B * self.world
+        pos = self.start * gb
+        pass_index, order = None, None
+        while True:
+            batch = []
+            for p in range(pos, pos + gb):
+                if p // self.n != pass_index:
+                    pass_index = p // self.n
+                    order = self.order(pass_index)
+                batch.append((order[p % self.n], p))
+            pos += gb
+            yield batch[self.rank * self.B:(self.rank + 1) * self.B]
+
+
 class MultiCropDataset(torch.utils.data.Dataset):
-    """Images -> multi-crop views; the augmentation of stream position `pos` is a function of (seed, pos)."""
+    """(dataset index, stream position) -> (position, (multi-crop views, label)); the augmentation of a position is
+    a function of (seed, position) alone."""
 
     def __init__(self, images, augment, seed):
         self.images, self.augment, self.seed = images, augment, seed
@@ -662,64 +689,8 @@ class MultiCropDataset(torch.utils.data.Dataset):
     def __getitem__(self, item):
         index, pos = item
         image, label = self.images[index]
-        with seeded(self.seed * 1_000_003 + pos):
+        with seeded(stream_seed(self.seed, AUGMENT, pos)):
             return pos, (self.augment(image), label)
-
-
-class GlobalBatchCollate(MultiCropCollate):
-    """The masking collate, with its draws made for the whole global batch, so that a rank's masks are its slice of
-    the masks a single process would draw for the same global batch (whatever the number of ranks).
-
-    NOTE(deviation): the released collate stratifies mask ratios over each GPU's own 2B crops; here the stratification
-    (exactly int(0.5 * 2B_global) masked crops, ratios from linspace(0.1, 0.5)) runs over the global batch's crops,
-    and each crop's blocks are drawn from a generator seeded by (step, crop). Same statistics, and DDP / FSDP runs
-    reproduce a single-process run exactly."""
-
-    def __init__(self, mask_generator, mask_ratio, mask_probability, batch_size, world, seed):
-        super().__init__(mask_generator, mask_ratio=mask_ratio, mask_probability=mask_probability)
-        self.B, self.world, self.seed = batch_size, world, seed
-
-    def __call__(self, items):
-        positions, samples = zip(*items)
-        self.step, first = divmod(positions[0], self.B * self.world)  # which global batch, where this rank starts
-        self.rank = first // self.B
-        return super().__call__(list(samples))
-
-    def sample_masks(self, n_crops, rng):
-        n_all = 2 * self.B * self.world  # global crops of the whole global batch, view-major
-        step_rng = random.Random(self.seed * 1_000_003 + self.step)
-        n_masked = int(n_all * self.mask_probability)
-        probs = np.linspace(*self.mask_ratio, n_masked + 1)
-        n_patches = self.mask_generator.num_patches
-        targets = [int(n_patches * step_rng.uniform(probs[i], probs[i + 1])) for i in range(n_masked)]
-        targets += [0] * (n_all - n_masked)
-        step_rng.shuffle(targets)  # the two views of an image are masked independently
-        rows = [v * self.B * self.world + self.rank * self.B + i for v in range(2) for i in range(self.B)]
-        masks = [self.mask_generator(targets[r], rng=random.Random(self.seed * 1_000_003 + self.step * 65_537 + r))
-                 if targets[r] else np.zeros((self.mask_generator.height, self.mask_generator.width), dtype=bool)
-                 for r in rows]
-        return torch.from_numpy(np.stack(masks).reshape(n_crops, n_patches))  # (2B, N)
-
-
-class GlobalBatchSampler:
-    """Yields this rank's share of each global batch: [(dataset index, stream position)] * batch_size.
-
-    NOTE(deviation): the released sampler gives each rank its own shuffled shard (`samplers.py`). Here the stream is
-    one global shuffle (the same InfiniteSampler with world_size 1) cut into global batches, and rank r takes the
-    r-th slice of each; a run resumed on a different number of GPUs continues the same data, and DDP / FSDP runs
-    see exactly the batches of a single-process run (the tests check this)."""
-
-    def __init__(self, n, batch_size, rank, world, seed, start_step):
-        self.n, self.B, self.rank, self.world, self.seed, self.start = n, batch_size, rank, world, seed, start_step
-
-    def __iter__(self):
-        gb = self.B * self.world
-        stream = iter(InfiniteSampler(self.n, rank=0, world_size=1, seed=self.seed, start=self.start * gb))
-        pos = self.start * gb
-        while True:
-            batch = [(next(stream), pos + i) for i in range(gb)]
-            pos += gb
-            yield batch[self.rank * self.B:(self.rank + 1) * self.B]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -750,11 +721,11 @@ def main(argv=None):
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(1)  # one DataLoader worker = one thread
 
-    collate = MultiCropCollate(MaskingGenerator((cfg.grid, cfg.grid)))
+    collate = MultiCropCollate(MaskingGenerator((cfg.grid, cfg.grid)), seed=cfg.seed)
     dummy = {"global_crops": [torch.zeros(3, 1, 1)] * 2, "local_crops": []}
     n_masked_crops, ratios = [], []
-    for _ in tqdm(range(cfg.batches), desc="masking"):
-        masks = collate([(dummy, 0)] * cfg.batch_size)["masks"]
+    for step in tqdm(range(cfg.batches), desc="masking"):
+        masks = collate([(step * cfg.batch_size + i, (dummy, 0)) for i in range(cfg.batch_size)])["masks"]
         counts = masks.sum(-1)
         n_masked_crops.append(int((counts > 0).sum()))
         ratios += (counts[counts > 0].float() / masks.shape[1]).tolist()

@@ -46,8 +46,8 @@ import cli
 import distributed
 import vit
 from cli import arg
-from data import (GlobalBatchCollate, GlobalBatchSampler, ImageFolderDataset, MaskingGenerator, MultiCropAugmentation,
-                  MultiCropDataset, SyntheticDataset)
+from data import (DROP_PATH, GlobalBatchSampler, ImageFolderDataset, MaskingGenerator, MultiCropAugmentation,
+                  MultiCropCollate, MultiCropDataset, SyntheticDataset, stream_seed)
 from distributed import barrier, is_dist, print0
 from losses import (CollapseAlarm, DINOHead, SoftmaxCentering, dino_loss, ibot_loss, koleo_loss, sinkhorn_knopp,
                     teacher_diagnostics)
@@ -393,8 +393,7 @@ def build_data(cfg, rank, world, start_step, device):
     augment.hue, augment.p_grayscale = cfg.hue_jitter, cfg.p_grayscale
     grid = cfg.global_size // cfg.patch_size
     masking = MaskingGenerator(input_size=(grid, grid), max_num_patches=int(0.5 * grid * grid))
-    collate = GlobalBatchCollate(masking, tuple(cfg.mask_ratio), cfg.mask_probability, cfg.batch_size, world,
-                                 cfg.seed)
+    collate = MultiCropCollate(masking, tuple(cfg.mask_ratio), cfg.mask_probability, world, cfg.seed)
     workers = cfg.num_workers if cfg.num_workers >= 0 else min(8, max(1, (os.cpu_count() or 2) // 2))
     loader = torch.utils.data.DataLoader(
         MultiCropDataset(images, augment, cfg.seed), collate_fn=collate, num_workers=workers,
@@ -586,7 +585,7 @@ def fit(run):
     try:
         for step in range(start, run.total):
             batch = to_device(next(data), run.device)
-            torch.manual_seed(cfg.seed * 1_000_003 + step * 1_009 + run.rank)  # drop path: a function of (step, rank)
+            torch.manual_seed(stream_seed(cfg.seed, DROP_PATH, step, run.rank))  # drop path: (step, rank)
             losses, t_cls, norms = train_step(run, batch, step)
             stopping = log.step(step, losses, t_cls, norms)  # on log steps only: one host sync, a stop agreed
             if (step + 1) % cfg.save_every == 0 or step + 1 == run.total or stopping:

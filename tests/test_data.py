@@ -4,7 +4,6 @@ Expected values are computed independently in the tests (hand formulas, scripted
 Run: python -m pytest -q tests/test_data.py
 """
 import io
-import itertools
 import math
 import pickle
 import random
@@ -16,8 +15,8 @@ import torch
 from PIL import Image, ImageFilter
 
 import data
-from data import (IMAGENET_MEAN, IMAGENET_STD, CropParams, ImageFolderDataset, InfiniteSampler, MaskingGenerator,
-                  MultiCropAugmentation, MultiCropCollate, SyntheticDataset, load_image)
+from data import (IMAGENET_MEAN, IMAGENET_STD, CropParams, GlobalBatchSampler, ImageFolderDataset, MaskingGenerator,
+                  MultiCropAugmentation, MultiCropCollate, MultiCropDataset, SyntheticDataset, load_image)
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -43,6 +42,12 @@ def dummy_crops(n_local=0):
     return {"global_crops": [torch.zeros(3, 1, 1)] * 2, "local_crops": [torch.zeros(3, 1, 1)] * n_local}
 
 
+def rank_slice(B, step=0, rank=0, world=1, label=0):
+    """What the collate receives: rank's B items of global batch `step`, as (stream position, (crops, label))."""
+    first = step * B * world + rank * B
+    return [(first + i, (dummy_crops(), label)) for i in range(B)]
+
+
 class ScriptedRng:
     """Stands in for random.Random: returns pre-scripted values, so a mask can be worked out by hand."""
 
@@ -63,12 +68,11 @@ class ScriptedRng:
 def test_masking_statistics_200_batches_of_64():
     """Released collate: exactly int(0.5 * 2B) masked crops per batch, mean ratio over masked crops ~0.30
     (released 0.298)."""
-    torch.manual_seed(0)
     B, N = 64, 256
     collate = MultiCropCollate(MaskingGenerator((16, 16)))
     ratios = []
-    for _ in range(200):
-        out = collate([(dummy_crops(), 1)] * B)
+    for step in range(200):
+        out = collate(rank_slice(B, step))
         masks = out["masks"]
         assert masks.shape == (2 * B, N) and masks.dtype == torch.bool
         counts = np.count_nonzero(masks.numpy(), axis=1)  # (2B,)
@@ -139,7 +143,7 @@ def test_collate_view_major_order_and_shapes():
     for b in range(B):  # pixel values encode (image b, crop j)
         crops = {"global_crops": [torch.full((3, 8, 8), 10.0 * b + j) for j in range(2)],
                  "local_crops": [torch.full((3, 4, 4), 100.0 + 10 * b + j) for j in range(n_local)]}
-        batch.append((crops, 7 + b))
+        batch.append((b, (crops, 7 + b)))
     out = MultiCropCollate(MaskingGenerator((2, 2)))(batch)
     assert out["global_crops"].shape == (2 * B, 3, 8, 8) and out["global_crops"].dtype == torch.float32
     assert out["local_crops"].shape == (n_local * B, 3, 4, 4) and out["local_crops"].dtype == torch.float32
@@ -154,33 +158,37 @@ def test_collate_view_major_order_and_shapes():
 
 
 def test_collate_without_local_crops():
-    out = MultiCropCollate(MaskingGenerator((2, 2)))([(dummy_crops(), 0)] * 2)
+    out = MultiCropCollate(MaskingGenerator((2, 2)))(rank_slice(2))
     assert out["local_crops"].shape[:2] == (0, 3)
-    out = MultiCropCollate(MaskingGenerator((2, 2)), local_size=7)([(dummy_crops(), 0)] * 2)
+    out = MultiCropCollate(MaskingGenerator((2, 2)), local_size=7)(rank_slice(2))
     assert out["local_crops"].shape == (0, 3, 7, 7)
 
 
 def test_collate_masked_crops_with_no_patches_do_not_divide_by_zero():
-    torch.manual_seed(0)
     # Ratios in [0, 0.1) of 16 patches: most masked crops get a target of 0 or 1 patch.
-    out = MultiCropCollate(MaskingGenerator((4, 4)), mask_ratio=(0.0, 0.1))([(dummy_crops(), 0)] * 8)
+    out = MultiCropCollate(MaskingGenerator((4, 4)), mask_ratio=(0.0, 0.1))(rank_slice(8))
     assert torch.isfinite(out["mask_weights"]).all()
     assert out["mask_weights"].numel() == out["mask_indices"].numel() == out["n_masked"]
     counts = out["masks"].numpy().sum(-1)
     per_crop = np.bincount(out["mask_indices"].numpy() // 16, weights=out["mask_weights"].numpy(), minlength=16)
     np.testing.assert_allclose(per_crop, (counts > 0).astype(float), rtol=1e-6)
-    out = MultiCropCollate(MaskingGenerator((4, 4)), mask_ratio=(0.0, 0.0))([(dummy_crops(), 0)] * 4)
+    out = MultiCropCollate(MaskingGenerator((4, 4)), mask_ratio=(0.0, 0.0))(rank_slice(4))
     assert out["n_masked"] == 0 and out["mask_weights"].shape == (0,) and out["mask_indices"].shape == (0,)
 
 
-def test_collate_reproducible_under_manual_seed_and_picklable():
-    collate = pickle.loads(pickle.dumps(MultiCropCollate(MaskingGenerator((8, 8)))))
-    torch.manual_seed(3)
-    a = collate([(dummy_crops(), 0)] * 16)["masks"]
-    torch.manual_seed(3)
-    b = collate([(dummy_crops(), 0)] * 16)["masks"]
-    c = collate([(dummy_crops(), 0)] * 16)["masks"]
-    assert torch.equal(a, b) and not torch.equal(b, c)
+def test_collate_masks_are_the_rank_slice_of_the_global_batch_and_picklable():
+    B, world, N = 4, 3, 64
+    single = MultiCropCollate(MaskingGenerator((8, 8)), seed=7)
+    sharded = pickle.loads(pickle.dumps(MultiCropCollate(MaskingGenerator((8, 8)), world=world, seed=7)))
+    for step in (0, 5):
+        whole = single(rank_slice(B * world, step))["masks"]  # (2 * B * world, N): one process, the global batch
+        assert int((whole.sum(1) > 0).sum()) == int(0.5 * 2 * B * world)  # stratified over the global batch
+        for rank in range(world):
+            part = sharded(rank_slice(B, step, rank, world))["masks"]  # (2B, N)
+            rows = [v * B * world + rank * B + i for v in range(2) for i in range(B)]  # view-major rows of the slice
+            assert part.shape == (2 * B, N) and torch.equal(part, whole[rows])
+    assert torch.equal(single(rank_slice(8, 2))["masks"], single(rank_slice(8, 2))["masks"])  # a function of step
+    assert not torch.equal(single(rank_slice(8, 2))["masks"], single(rank_slice(8, 3))["masks"])
 
 
 # ------------------------------------------------------------------------------------------------ augmentation
@@ -196,7 +204,7 @@ def test_augmentation_default_shapes_and_batch():
     assert len(out["global_crops"]) == 2 and len(out["local_crops"]) == 8
     assert all(t.shape == (3, 224, 224) and t.dtype == torch.float32 for t in out["global_crops"])
     assert all(t.shape == (3, 98, 98) and t.dtype == torch.float32 for t in out["local_crops"])
-    batch = MultiCropCollate(MaskingGenerator((16, 16)))([(out, 0), (aug(photo(seed=1)), 1)])
+    batch = MultiCropCollate(MaskingGenerator((16, 16)))([(0, (out, 0)), (1, (aug(photo(seed=1)), 1))])
     assert batch["global_crops"].shape == (4, 3, 224, 224) and batch["local_crops"].shape == (16, 3, 98, 98)
     assert batch["masks"].shape == (4, 256)
 
@@ -315,75 +323,57 @@ def test_augmentation_reproducible_under_manual_seed():
 
 # ------------------------------------------------------------------------------------------------ sampler
 
-def reference_stream(size, rank, world, seed, passes):
-    """The documented stream, written out: global randperm(seed), shard perm[rank::world] (size // world
-    entries), pass p reordered by randperm with seed + rank + (p << 24)."""
+def reference_order(n, seed, pass_index):
+    """The documented order of pass p, written out: randperm(n) seeded by stream_seed(seed, SHUFFLE, p) =
+    ((seed * 1_000_003 + 1) * 1_000_003 + p) mod 2^63."""
     g = torch.Generator()
-    g.manual_seed(seed)
-    perm = torch.randperm(size, generator=g).tolist()
-    shard_len = size // world
-    shard = [perm[rank + k * world] for k in range(shard_len)]
-    out = []
-    for p in range(passes):
-        g.manual_seed(seed + rank + (p << 24))
-        out += [shard[k] for k in torch.randperm(shard_len, generator=g).tolist()]
-    return out
+    g.manual_seed(((seed * 1_000_003 + 1) * 1_000_003 + pass_index) % 2**63)
+    return torch.randperm(n, generator=g).tolist()
 
 
-@pytest.mark.parametrize("size,world", [(100, 4), (103, 4), (10, 1)])
-def test_sampler_matches_reference_and_shards(size, world):
-    shard_len = size // world
-    shards = []
+@pytest.mark.parametrize("n,B,world", [(10, 4, 1), (23, 3, 2), (7, 2, 4)])
+def test_sampler_is_passes_of_permutations_cut_into_rank_slices(n, B, world):
+    steps = 3 * n // (B * world) + 2  # several passes, batches straddling pass boundaries
+    stream = [i for p in range(5) for i in reference_order(n, 5, p)]
     for rank in range(world):
-        got = list(itertools.islice(InfiniteSampler(size, rank, world, seed=5), 3 * shard_len))
-        assert got == reference_stream(size, rank, world, 5, 3)
-        first, second = got[:shard_len], got[shard_len:2 * shard_len]
-        assert sorted(first) == sorted(second) and first != second  # same shard, new order each pass
-        shards.append(set(first))
-    assert all(len(s) == shard_len for s in shards)
-    assert all(not (a & b) for a, b in itertools.combinations(shards, 2))  # disjoint
-    covered = set().union(*shards)
-    g = torch.Generator()
-    g.manual_seed(5)
-    dropped = set(torch.randperm(size, generator=g).tolist()[shard_len * world:])  # size % world left out
-    assert covered | dropped == set(range(size)) and not (covered & dropped)
+        it = iter(GlobalBatchSampler(n, B, rank, world, seed=5))
+        for step in range(steps):
+            batch = next(it)
+            first = step * B * world + rank * B
+            assert batch == [(stream[p], p) for p in range(first, first + B)]
+    assert sorted(reference_order(n, 5, 0)) == list(range(n)) and reference_order(n, 5, 0) != reference_order(n, 5, 1)
 
 
-def test_sampler_start_skips_items():
-    full = list(itertools.islice(InfiniteSampler(37, 1, 3, seed=2), 200))
-    for k in [0, 5, 12, 13, 60, 150]:
-        assert list(itertools.islice(InfiniteSampler(37, 1, 3, seed=2, start=k), 30)) == full[k:k + 30]
-    # A start far away is O(1): resume at pass 10^6 without replaying earlier passes.
-    far = 12 * 1_000_000 + 3
-    assert list(itertools.islice(InfiniteSampler(37, 1, 3, seed=2, start=far), 4)) == \
-        reference_stream_at(37, 1, 3, 2, 1_000_000)[3:7]
-    with pytest.raises(ValueError):
-        InfiniteSampler(2, 0, 4)
-
-
-def reference_stream_at(size, rank, world, seed, pass_index):
-    g = torch.Generator()
-    g.manual_seed(seed)
-    shard = torch.randperm(size, generator=g)[rank:(size // world) * world:world].tolist()
-    g.manual_seed(seed + rank + (pass_index << 24))
-    return [shard[k] for k in torch.randperm(len(shard), generator=g).tolist()]
+def test_sampler_resumes_at_a_step_without_replaying():
+    full = iter(GlobalBatchSampler(37, 4, 1, 3, seed=2))
+    batches = [next(full) for _ in range(40)]
+    for k in (0, 3, 10, 31):
+        resumed = iter(GlobalBatchSampler(37, 4, 1, 3, seed=2, start_step=k))
+        assert [next(resumed) for _ in range(5)] == batches[k:k + 5]
+    far = 10**9  # O(1): the pass is computed, not replayed
+    pos = far * 12 + 4
+    assert next(iter(GlobalBatchSampler(37, 4, 1, 3, seed=2, start_step=far)))[0] == (
+        reference_order(37, 2, pos // 37)[pos % 37], pos)
+    with pytest.raises(ValueError, match="empty"):
+        GlobalBatchSampler(0, 4)
 
 
 def test_dataloader_with_workers_is_reproducible():
-    ds = SyntheticDataset(n=16, size=48, transform=MultiCropAugmentation(32, 16, 2))
+    images = SyntheticDataset(n=16, size=48)
+    ds = MultiCropDataset(images, MultiCropAugmentation(32, 16, 2), seed=0)
     collate = MultiCropCollate(MaskingGenerator((4, 4)))
 
-    def two_batches():
-        torch.manual_seed(0)
-        loader = torch.utils.data.DataLoader(ds, batch_size=4, sampler=InfiniteSampler(len(ds)), num_workers=2,
-                                             collate_fn=collate)
+    def two_batches(workers):
+        loader = torch.utils.data.DataLoader(ds, batch_sampler=GlobalBatchSampler(len(ds), 4), collate_fn=collate,
+                                             num_workers=workers)
         it = iter(loader)
         return [next(it) for _ in range(2)]
 
-    a, b = two_batches(), two_batches()
+    a, b = two_batches(2), two_batches(0)  # workers change nothing: every draw is seeded by the stream position
     for x, y in zip(a, b):
         assert torch.equal(x["global_crops"], y["global_crops"]) and torch.equal(x["masks"], y["masks"])
         assert x["local_crops"].shape == (8, 3, 16, 16)
+    assert not torch.equal(a[0]["global_crops"], a[1]["global_crops"])
 
 
 # ------------------------------------------------------------------------------------------------ image folder
