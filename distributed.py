@@ -58,6 +58,16 @@ def init(device_name: str = "auto") -> tuple:
     return rank, world, device
 
 
+def all_reduce_(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """In-place all-reduce of `t` over all ranks ("sum" or "max"); a no-op without a process group. Returns t."""
+    ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}  # both exist on gloo and nccl
+    if op not in ops:
+        raise ValueError(f"all_reduce_: op must be one of {sorted(ops)}, got {op!r}")
+    if is_dist():
+        dist.all_reduce(t, op=ops[op])
+    return t
+
+
 def barrier():
     if is_dist():
         dist.barrier()

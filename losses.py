@@ -7,7 +7,6 @@ facebookresearch/dinov2 code defines it (`dinov2/layers/dino_head.py`, `dinov2/l
 `dinov2/train/ssl_meta_arch.py`).
 
 Public names, in reading order:
-    world_size, all_reduce_          collectives guarded so that a plain process needs no process group
     DINOHead                         MLP -> L2 normalise -> weight-normalised layer onto K prototypes
     convert_official_head_keys       rename weight_g/weight_v so released training checkpoints load
     SoftmaxCentering                 teacher targets, option 1: softmax around an EMA centre (default config)
@@ -29,34 +28,11 @@ Run the tests: python -m pytest -q tests/test_losses.py
 import math
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.parametrizations import weight_norm
 
-# -----------------------------------------------------------------------------
-# Guarded collectives: the same code runs in `python train.py` (no process group) and under torchrun.
-
-_REDUCE_OPS = {"sum": "SUM", "max": "MAX"}
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def world_size() -> int:
-    """Number of processes in the default group, 1 without a process group."""
-    return dist.get_world_size() if _distributed() else 1
-
-
-def all_reduce_(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
-    """In-place all-reduce of `t` over all ranks ("sum" or "max"); a no-op without a process group. Returns t."""
-    if op not in _REDUCE_OPS:
-        raise ValueError(f"all_reduce_: op must be one of {sorted(_REDUCE_OPS)}, got {op!r}")
-    if _distributed():
-        dist.all_reduce(t, op=getattr(dist.ReduceOp, _REDUCE_OPS[op]))  # SUM and MAX exist on gloo and nccl
-    return t
-
+from distributed import all_reduce_  # sums / maxima over ranks; a no-op in one process
 
 # -----------------------------------------------------------------------------
 # The projection head (released `dinov2/layers/dino_head.py`)

@@ -354,7 +354,7 @@ WORKER = textwrap.dedent("""
 
     dist.init_process_group("gloo")
     rank = dist.get_rank()
-    out = {"world_size": losses.world_size()}
+    out = {"world_size": dist.get_world_size()}
     k = 7
     g = torch.Generator().manual_seed(0)  # every rank draws the same whole batch, then keeps its part
     dino = torch.randn(16, k, generator=g) * 2
