@@ -6,7 +6,7 @@ Paper: DINOv2 (Oquab et al., 2023) section 4 and appendix, which inherit the mul
 follows the paper).
 
 Public names, in reading order:
-    IMAGENET_MEAN, IMAGENET_STD, IMAGE_EXTENSIONS, torch_seed()
+    IMAGENET_MEAN, IMAGENET_STD, IMAGE_EXTENSIONS, to_tensor, torch_seed()
     convert_to_rgb(img), load_image(path)                  any file / PIL mode -> upright RGB
     CropParams, MultiCropAugmentation                      2 global + n_local crops per image
     MaskingGenerator                                       random rectangular blocks on the patch grid
@@ -48,6 +48,13 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 _NORM_SCALE = 1.0 / (255.0 * torch.tensor(IMAGENET_STD).view(3, 1, 1))
 _NORM_SHIFT = -torch.tensor(IMAGENET_MEAN).view(3, 1, 1) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    """RGB image -> float32 (3, h, w) normalised with the ImageNet mean and std, (x / 255 - mean) / std computed as
+    x * scale + shift. The one normaliser: training crops, evaluation and curation all use it."""
+    t = torch.from_numpy(np.array(img.convert("RGB"), dtype=np.uint8)).permute(2, 0, 1).contiguous()  # (3, h, w)
+    return t.float().mul_(_NORM_SCALE).add_(_NORM_SHIFT)
 
 
 def torch_seed() -> int:
@@ -228,16 +235,10 @@ class MultiCropAugmentation:
             out = ImageOps.solarize(out, threshold=128)  # invert every value >= 128
         return out
 
-    @staticmethod
-    def to_tensor(img: Image.Image) -> torch.Tensor:
-        """uint8 RGB image -> float32 (3, h, w), (x / 255 - mean) / std computed as x * scale + shift."""
-        t = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).contiguous()  # (3, h, w) uint8
-        return t.float().mul_(_NORM_SCALE).add_(_NORM_SHIFT)
-
     def __call__(self, img: Image.Image) -> dict:
         img = convert_to_rgb(img)
         rng = random.Random(torch_seed())
-        crops = [self.to_tensor(self.render(img, p)) for p in self.sample_params(img.width, img.height, rng)]
+        crops = [to_tensor(self.render(img, p)) for p in self.sample_params(img.width, img.height, rng)]
         return {"global_crops": crops[:2], "local_crops": crops[2:]}
 
 

@@ -211,7 +211,7 @@ def test_augmentation_default_shapes_and_batch():
 
 def test_normalisation_matches_formula():
     value = (10, 128, 250)
-    assert_constant(MultiCropAugmentation.to_tensor(Image.new("RGB", (7, 5), value)), value)
+    assert_constant(data.to_tensor(Image.new("RGB", (7, 5), value)), value)
     aug = plain_augmentation(global_size=32, local_size=16, n_local=2)
     out = aug(Image.new("RGB", (90, 60), value))  # any crop of a constant image is the same constant
     for t in out["global_crops"] + out["local_crops"]:
