@@ -53,7 +53,8 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".
 def to_tensor(img: Image.Image) -> torch.Tensor:
     """RGB image -> float32 (3, h, w) normalised with the ImageNet mean and std, (x / 255 - mean) / std computed as
     x * scale + shift. The one normaliser: training crops, evaluation and curation all use it."""
-    t = torch.from_numpy(np.array(img.convert("RGB"), dtype=np.uint8)).permute(2, 0, 1).contiguous()  # (3, h, w)
+    img = img if img.mode == "RGB" else img.convert("RGB")
+    t = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).contiguous()  # (3, h, w) uint8
     return t.float().mul_(_NORM_SCALE).add_(_NORM_SHIFT)
 
 
