@@ -125,6 +125,27 @@ def test_kmeans_recovers_blobs_and_inertia_never_increases(spherical):
     assert torch.bincount(a, minlength=20).min() > 0
 
 
+@pytest.mark.parametrize("spherical", [False, True])
+def test_assign_with_and_without_the_bf16_screen_equals_brute_force(spherical):
+    # Small integers: exact distances, many ties (the lower centroid index must win), rows the screen cannot decide.
+    x, c = integer_data(3000, 8, 0), integer_data(60, 8, 1)
+    c[30:35] = c[2]  # duplicate centroids: exact ties
+    if spherical:
+        x, c = F.normalize(x + 0.5, dim=1), F.normalize(c + 0.5, dim=1)
+    d = ((x[:, None] - c[None]) ** 2).sum(-1) if not spherical else -(x @ c.T)  # (N, K)
+    ref = torch.tensor([min(range(60), key=lambda j: (float(row[j]), j)) for row in d])  # by hand, lower index
+    for screen in (False, True):
+        a = knn._assign(x, c, spherical, screen=screen, chunk=700)
+        if spherical:  # inner products of unit vectors are rounded: any best to fp32 rounding is right
+            assert (d.gather(1, a[:, None]) <= d.min(1, keepdim=True).values + 1e-6).all()
+        else:
+            assert torch.equal(a, ref)
+    # Clustered float data: the screen decides most rows and gives the fp32 answer.
+    x, c = knn.clustered_rows(0, 5000, 32, n_centres=20), knn.clustered_rows(0, 40, 32, n_centres=20, seed=3)
+    ref = torch.cdist(x, c).argmin(1)
+    assert torch.equal(knn._assign(x, c, screen=True), ref) and torch.equal(knn._assign(x, c, screen=False), ref)
+
+
 def test_empty_clusters_are_reseeded():
     x = torch.cat([torch.zeros(50, 2), torch.tensor([[10.0, 0], [0, 10], [-10, 0]])])  # many identical points
     c, a = knn.kmeans(x, 4, n_iter=5, init="random", seed=0)
