@@ -637,13 +637,32 @@ def clustered_rows(lo, hi, dim, n_centres=1000, seed=0, block=10000):
     return torch.cat(parts + [torch.zeros(0, dim)])
 
 
+def _rss_reset() -> float:
+    """Resident memory now (GiB), after resetting the peak (Linux: clear_refs 5 resets VmHWM)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _rss_peak()
+    except OSError:
+        return float("nan")
+
+
+def _rss_peak() -> float:
+    """Peak resident memory since the last reset (GiB), from /proc/self/status (nan elsewhere)."""
+    try:
+        with open("/proc/self/status") as f:
+            return round(int(next(line for line in f if line.startswith("VmHWM")).split()[1]) / 2 ** 20, 3)
+    except (OSError, StopIteration):
+        return float("nan")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Time exact kNN search and k-means on clustered random data, "
                                      "side by side with faiss if it is installed (it is never a dependency). "
                                      "Under torchrun: sharded k-means, each rank making only its own rows.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--what", choices=("knn", "kmeans", "hkmeans", "all"), default="all")
-    parser.add_argument("--n", type=int, default=100_000, help="k-means points")
+    parser.add_argument("--points", type=int, default=100_000, help="k-means points")
     parser.add_argument("--dim", type=int, default=384)
     parser.add_argument("--k", type=int, default=1000, help="clusters (k-means), first level (hkmeans)")
     parser.add_argument("--iters", type=int, default=10)
@@ -665,8 +684,9 @@ def main(argv=None):
         faiss = None
     say = print if rank == 0 else (lambda *a, **k: None)
     say(f"threads {torch.get_num_threads()}, world {world}, faiss {'yes' if faiss else 'not installed'}")
-    lo, hi = shard_range(args.n, rank, world)
+    lo, hi = shard_range(args.points, rank, world)
     x = clustered_rows(lo, hi, args.dim)  # (n / world, D) this rank's rows only
+    base = _rss_reset()
     for rep in range(args.repeats):
         if args.what in ("knn", "all") and world == 1:
             db = F.normalize(clustered_rows(0, args.db, args.dim, seed=1), dim=1)
@@ -694,7 +714,7 @@ def main(argv=None):
             t = time.perf_counter()
             kmeans(x, args.k, args.iters, seed=rep)
             ours = time.perf_counter() - t
-            line = (f"kmeans {args.n} x {args.dim}, k={args.k}, {args.iters} iterations: ours {ours_random:.2f} s "
+            line = (f"kmeans {args.points} x {args.dim}, k={args.k}, {args.iters} iterations: ours {ours_random:.2f} s "
                     f"(random init, as faiss), {ours:.2f} s (k-means++ init)")
             if faiss and world == 1:
                 line += f", faiss.Kmeans {theirs:.2f} s, ratios {ours_random / theirs:.2f}, {ours / theirs:.2f}"
@@ -702,12 +722,11 @@ def main(argv=None):
         if args.what in ("hkmeans", "all"):
             t = time.perf_counter()
             hierarchical_kmeans(x, (args.k, max(2, round(math.sqrt(args.k)))), args.iters, resample_steps=2)
-            say(f"hierarchical k-means {args.n} x {args.dim}, ({args.k}, sqrt), {args.iters} iterations, 2 resampling "
-                f"steps: {time.perf_counter() - t:.2f} s", flush=True)
-    import resource  # peak resident memory of this process, data and torch together
-    peak = all_gather_cat(torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20]))
-    say(f"peak RSS per rank (GiB): {[round(v, 2) for v in peak.tolist()]}; this rank's rows: "
-        f"{x.numel() * 4 / 2 ** 30:.3f} GiB")
+            say(f"hierarchical k-means {args.points} x {args.dim}, ({args.k}, sqrt), {args.iters} iterations, "
+                f"2 resampling steps: {time.perf_counter() - t:.2f} s", flush=True)
+    peak = [[round(v, 2) for v in r] for r in all_gather_cat(torch.tensor([[base, _rss_peak()]])).tolist()]
+    say(f"resident memory per rank (GiB), [after making the data, peak after that]: {peak}; "
+        f"this rank's rows {x.numel() * 4 / 2 ** 30:.3f} GiB")
     if dist_on():
         dist.destroy_process_group()
 

@@ -117,13 +117,14 @@ def test_embed_vit_and_resume(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The whole pipeline on the synthetic test pool
+# The whole pipeline on the synthetic test pool (curate_demo.py)
 
 
 @pytest.mark.skipif(not HAVE_VIT_AND_DATA, reason="vit.py / data.py not present")
 def test_end_to_end_on_the_synthetic_pool(tmp_path):
-    cfg = curate.CurateConfig(out=str(tmp_path / "out"), demo=True)
-    run = curate.run_demo(cfg, root=str(tmp_path / "data"), progress=False)
+    import curate_demo
+    cfg = curate.CurateConfig(out=str(tmp_path / "out"))
+    run = curate_demo.run_demo(cfg, root=str(tmp_path / "data"), progress=False)
     m, truth = run["metrics"], run["truth"]
     print(json.dumps(m, indent=1))
     assert m["dedup_precision"] >= 0.95 and m["dedup_recall"] >= 0.95
