@@ -1,4 +1,4 @@
-"""Data curation for DINOv2: the LVD-142M pipeline (paper section 3), with an exact kNN engine in torch.
+"""Data curation for DINOv2: the LVD-142M pipeline (paper section 3), on the project's exact kNN engine (knn.py).
 
 DINOv2 picked 142M images out of 1.2B uncurated web images with no labels or metadata: embed every image with a
 frozen self-supervised backbone, remove near-duplicates (copy detection), remove images that are near-duplicates of
@@ -6,37 +6,32 @@ the evaluation sets, then retrieve, for each image of curated seed sets, its N =
 seed sets, M images sampled from the seed's pool cluster). The balancing step is the follow-up paper's
 (Vo et al. 2024, "Automatic data curation for self-supervised learning: a clustering-based approach"): hierarchical
 k-means with resampling, then sampling evenly across clusters so that a few dominant concepts cannot swamp the set.
-NOTE(deviation): the paper searched with Faiss (GPU IVF+PQ, approximate); here every search is exact: a chunked
-matmul + top-k in torch (on CPUs with bf16 units, a bf16 screen with a proven error bound, then fp32 rescoring),
-which shards the database across ranks under torchrun (paper §3, Appendix A).
+NOTE(deviation): the paper searched with Faiss (GPU IVF+PQ, approximate); here every search is exact (knn.py).
+
+Under torchrun each rank embeds its share of the on-disk chunks and then holds only its contiguous share of the
+pool's embeddings (memory-mapped chunk files, read by row range): dedup streams every row as queries against the
+sharded pool, exclusion and retrieval search the local rows, k-means is sharded (knn.py). What every rank holds
+whole is O(N) scalars (masks, group labels, cluster assignments), the seeds and the evaluation set.
 
 Public names, in reading order:
-    lexsort_rows, select_topk, knn              exact inner-product top-k, chunked over queries and database
-    shard_range, ShardedKNN, search             the same with the database split across ranks, lists merged
-    kmeans_plusplus, kmeans                     Lloyd's k-means (assignment through knn with k=1)
-    hierarchical_kmeans, balanced_sample        Vo et al.'s clustering tree and the even draw from it
+    balanced_sample                             the even draw from the cluster tree (Vo et al.)
     connected_components, dedup, remove_near    near-duplicate groups (one image kept each), eval-set leaks
     retrieve, retrieve_from_clusters            the seed-based retrieval of section 3
     load_backbone, embed, load_embeddings       frozen ViT features, written to resumable on-disk chunks
-    CopyDescriptor, ShapeDescriptor             training-free embedders for the synthetic demo pool and the tests
     CurateConfig, curate, write_outputs         the whole pipeline on embeddings; curated.txt, report.json, plot
-    build_demo_pool, demo_metrics, run_demo     the synthetic test pool (duplicates, imbalance, junk) and its scores
     parse_args, main                            the command line
 
 Run:  python curate.py --pool DIR_or_list --seeds DIR_or_list [--exclude DIR] [--weights W] --out OUT
-      python curate.py --demo            (builds the synthetic test pool in a temp folder, prints its metrics)
-      torchrun --nproc_per_node=N curate.py ...   (embedding and kNN shard across ranks)
+      python curate_demo.py              (the synthetic test pool, whose truth is known, curated and scored)
+      torchrun --nproc_per_node=N curate.py ...   (every stage shards across ranks)
 Shapes: Q queries, N database rows, D width, K clusters.
 """
 import argparse
 import dataclasses
-import functools
 import hashlib
-import io
 import json
 import math
 import os
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -44,17 +39,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-
-def dist_on() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def rank_world() -> tuple:
-    return (dist.get_rank(), dist.get_world_size()) if dist_on() else (0, 1)
+from knn import ShardedKNN, dist_on, gather_shards, hierarchical_kmeans, knn, rank_world, shard_range
 
 
 def print0(*args, **kwargs):
@@ -70,391 +58,21 @@ def pick_device() -> torch.device:
     return torch.device("cpu")
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# 1. Exact k nearest neighbours by inner product (features are L2-normalised beforehand, so this is cosine)
-# ---------------------------------------------------------------------------------------------------------------
-
-NO_ID = torch.iinfo(torch.int64).max  # id of a padding entry (score -inf): loses every tie, is never a real row
-
-
-def lexsort_rows(scores, ids):
-    """Sort each row by score, highest first, equal scores by lower id. (Q, C), (Q, C) -> same shapes."""
-    order = ids.argsort(dim=1)
-    scores, ids = scores.gather(1, order), ids.gather(1, order)
-    order = scores.argsort(dim=1, descending=True, stable=True)  # stable: equal scores keep the id order
-    return scores.gather(1, order), ids.gather(1, order)
+def _rows(emb, lo, hi):
+    """Rows [lo, hi) of an embedding array (numpy, memmap, tensor or load_embeddings's chunks): float32 tensor."""
+    part = emb[lo:hi]
+    return (part if torch.is_tensor(part) else torch.from_numpy(np.ascontiguousarray(part))).float()
 
 
-def select_topk(scores, ids, k):
-    """The k best entries of each row under the order (score desc, id asc). (Q, C) -> (Q, k), sorted by score.
-
-    torch.topk breaks ties arbitrarily, so a row whose k-th and (k+1)-th scores are equal (a tie across the cut)
-    is redone with a full lexicographic sort; such rows are rare on real features, and cheap when they happen.
-    """
-    if scores.shape[1] <= k:
-        return scores, ids
-    top, pos = scores.topk(k + 1, dim=1)  # (Q, k+1), sorted
-    straddle = top[:, k - 1] == top[:, k]
-    top, sel = top[:, :k].contiguous(), ids.gather(1, pos[:, :k])
-    if straddle.any():
-        rows = straddle.nonzero().squeeze(1)
-        s, i = lexsort_rows(scores[rows], ids[rows])
-        top[rows], sel[rows] = s[:, :k], i[:, :k]
-    return top, sel
-
-
-def _group_size(C, group):
-    """Largest of group, group/2, ..., 1 that divides C."""
-    while C % group:
-        group //= 2
-    return group
-
-
-def _exact_block(s, k, d0, group):
-    """Candidates holding the exact top-k of each row of an fp32 score block s (Q, C) whose first column is database
-    row d0: (scores (Q, W), global ids (Q, W)).
-
-    A full top-k over C columns copies every score into a per-row heap, which costs a good fraction of the matmul.
-    Instead, view the columns as G = C / g strided groups (group j = columns j, j+G, j+2G, ...) and take each
-    group's max: one vectorised pass. Let m_k > m_k+1 be the k-th and (k+1)-th largest group maxima. The top-k
-    groups hold k distinct entries >= m_k, so the row's k-th best is >= m_k, and every entry outside those groups
-    is <= m_k+1 < m_k: the row's top-k, ties included, lies in the k*g gathered columns. Rows with m_k == m_k+1
-    fall back to an exact search of the full row.
-    """
-    Q, C = s.shape
-    g = _group_size(C, group)
-    G = C // g
-    if k == 1:  # the nearest centroid in k-means: argmax returns the first (lowest-index) maximum of a row
-        col = s.argmax(dim=1, keepdim=True)  # (not torch.max(dim=1): on CPU it forks threads even for tiny rows)
-        return s.gather(1, col), col + d0
-    if G < 4 * (k + 1) or g == 1:  # too narrow to gain anything: search the block directly
-        return select_topk(s, torch.arange(d0, d0 + C, device=s.device).expand(Q, C), k)
-    gmax = s.view(Q, g, G).amax(dim=1)  # (Q, G)
-    gtop, gidx = gmax.topk(k + 1, dim=1)  # (Q, k+1)
-    cols = (gidx[:, :k, None] + G * torch.arange(g, device=s.device)).view(Q, k * g)  # (Q, W=k*g)
-    cand, ids = s.gather(1, cols), cols + d0
-    straddle = gtop[:, k - 1] == gtop[:, k]
-    if straddle.any():
-        rows = straddle.nonzero().squeeze(1)
-        top, idx = select_topk(s[rows], torch.arange(d0, d0 + C, device=s.device).expand(len(rows), C), k)
-        cand[rows], ids[rows] = float("-inf"), NO_ID
-        cand[rows, :k], ids[rows, :k] = top, idx
-    return cand, ids
-
-
-# Unit roundoff of bfloat16 (8 significant bits) and of float32 (24).
-BF16_U, FP32_U = 2.0 ** -8, 2.0 ** -24
-
-
-def _screened_block(q, q16, qnorm, db, kth, k, d0, buf16, group):
-    """The same candidates as _exact_block, found from a bf16 product and rescored exactly in fp32: about twice
-    as fast on CPUs with bf16 dot-product instructions, and still exact.
-
-    Error bound: a = bf16(q) @ bf16(x) (fp32 accumulation, bf16 output) differs from the fp32 product e by at most
-    delta = (3u + 2 D eps) |q| |x|, u = 2^-8 (rounding q, x and the output; the products of 8-bit significands are
-    exact in the fp32 accumulator), eps = 2^-24 (the D accumulations, counted twice to cover the fp32 rescoring).
-    A column can end in the top-k only if e >= T, the final k-th best; T >= kth (the running k-th best), and
-    T >= m_k - delta where m_k is the k-th largest group max of a (k distinct entries have a >= m_k). So keeping
-    every column with a >= max(kth, m_k - delta) - delta, and rescoring just those in fp32, loses nothing.
-    """
-    Q, C, D = q.shape[0], db.shape[0], q.shape[1]
-    a = buf16[:Q * C].view(Q, C)
-    torch.mm(q16, db.to(torch.bfloat16).T, out=a)  # (Q, C) approximate scores
-    xmax = db.norm(dim=1).max()
-    delta = (3 * BF16_U + 2 * D * FP32_U) * 1.01 * qnorm * xmax + 1e-30  # (Q,)
-    g = _group_size(C, group)
-    G = C // g
-    gmax = a.view(Q, g, G).amax(dim=1).float()  # (Q, G)
-    bound = kth
-    if G >= k and bool(torch.isinf(kth).any()):  # running lists still short: bound T from below by m_k
-        bound = torch.maximum(kth, gmax.topk(k, dim=1).values[:, k - 1] - delta)
-    theta = bound - delta  # (Q,)
-    rows, grp = (gmax >= theta[:, None]).nonzero(as_tuple=True)  # candidate groups (P,)
-    cols = grp[:, None] + G * torch.arange(g, device=q.device)  # (P, g)
-    keep = a[rows[:, None], cols].float() >= theta[rows, None]
-    rows, cols = rows[:, None].expand_as(cols)[keep], cols[keep]  # candidate entries (P',), row-major order
-    exact = torch.cat([(q[r] * db[c]).sum(1) for r, c in zip(rows.split(65536), cols.split(65536))] +
-                      [q.new_empty(0)])  # fp32 rescoring, in pieces to bound memory
-    # Scatter the candidates into dense (Q, m) lists padded with (-inf, NO_ID).
-    counts = torch.bincount(rows, minlength=Q)
-    pos = torch.arange(len(rows), device=q.device) - (torch.cumsum(counts, 0) - counts)[rows]
-    m = int(counts.max()) if len(rows) else 0
-    cand = torch.full((Q, m), float("-inf"), device=q.device)
-    ids = torch.full((Q, m), NO_ID, device=q.device)
-    cand[rows, pos], ids[rows, pos] = exact, cols + d0
-    return cand, ids
-
-
-@functools.lru_cache(maxsize=None)
-def _cpu_has_fast_bf16() -> bool:
-    """AVX512-BF16 or AMX: bf16 matmuls run at about twice the fp32 rate (elsewhere they are emulated, slower)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def knn(queries, database, k, query_chunk=4096, db_chunk=16384, bias=None, screen="auto", group=16,
-        progress=False, desc="knn"):
-    """Exact k nearest neighbours by inner product: (Q, D), (N, D) -> scores (Q, k), indices (Q, k).
-
-    Rows are sorted by score, equal scores by lower index. Memory stays at one (query_chunk, db_chunk) score block
-    plus the running lists, whatever N. `bias` (N,) is added to every score column, as one more coordinate of the
-    matmul (k-means uses it to turn inner products into L2 distances). screen: "auto" finds candidates with the
-    bf16 screen (_screened_block) for fp32 data on CPUs with fast bf16; True / False force it on / off.
-    """
-    queries = torch.as_tensor(queries).to(device=database.device, dtype=database.dtype)
-    Q, N = queries.shape[0], database.shape[0]
-    k = min(k, N)
-    if screen == "auto":
-        # NOTE(deviation): on GPUs the same screen would run on tensor cores, but it is only validated on CPU here.
-        screen = database.device.type == "cpu" and database.dtype == torch.float32 and _cpu_has_fast_bf16()
-    out_s = torch.empty(Q, k, dtype=database.dtype, device=database.device)
-    out_i = torch.empty(Q, k, dtype=torch.long, device=database.device)
-    if Q == 0 or k == 0:
-        return out_s, out_i
-    qc, dc = min(query_chunk, Q), min(db_chunk, N)
-    # Score buffers reused by every block: no allocation (page faults) per block.
-    buf = torch.empty(qc * dc, dtype=torch.bfloat16 if screen else database.dtype, device=database.device)
-    bar = tqdm(total=Q, desc=desc, unit="query", disable=not progress, leave=False)
-    for q0 in range(0, Q, qc):
-        q = queries[q0:q0 + qc]  # (qc, D)
-        if bias is not None:  # (qc, D+1): a constant 1 that multiplies the bias coordinate of the database
-            q = torch.cat([q, q.new_ones(len(q), 1)], 1)
-        q16, qnorm = (q.to(torch.bfloat16), q.norm(dim=1)) if screen else (None, None)
-        best_s = torch.empty(len(q), 0, dtype=database.dtype, device=database.device)
-        best_i = torch.empty(len(q), 0, dtype=torch.long, device=database.device)
-        for d0 in range(0, N, dc):
-            db = database[d0:d0 + dc]  # (dc, D)
-            if bias is not None:  # (dc, D+1): the bias rides in the matmul as one more coordinate
-                db = torch.cat([db, bias[d0:d0 + dc, None].to(db.dtype)], 1)
-            if screen:
-                kth = best_s[:, k - 1] if best_s.shape[1] == k else q.new_full((len(q),), float("-inf"))
-                cand_s, cand_i = _screened_block(q, q16, qnorm, db, kth, k, d0, buf, group)
-            else:
-                s = buf[:len(q) * len(db)].view(len(q), len(db))  # (qc, dc), contiguous even for the last block
-                torch.mm(q, db.T, out=s)
-                cand_s, cand_i = _exact_block(s, k, d0, group)
-            # Merge with the running lists: the k best of (old k, new candidates) under (score desc, id asc).
-            best_s, best_i = select_topk(torch.cat([best_s, cand_s], 1), torch.cat([best_i, cand_i], 1), k)
-        out_s[q0:q0 + qc], out_i[q0:q0 + qc] = lexsort_rows(best_s, best_i) if k > 1 else (best_s, best_i)
-        bar.update(len(q))
-    bar.close()
-    return out_s, out_i
-
-
-def shard_range(n, rank, world) -> tuple:
-    """Contiguous row range [start, end) of rank's shard of n rows (sizes differ by at most one)."""
-    return n * rank // world, n * (rank + 1) // world
-
-
-class ShardedKNN:
-    """Exact kNN over a database split into contiguous row ranges, one per rank (global ids = offset + local row).
-
-    Every rank searches the same queries in its own shard, then the per-rank top-k lists (scores, global ids) are
-    all-gathered and merged with the same (score desc, id asc) order as knn(), so the result equals a single-process
-    search over the whole database. Without a process group it is plain knn() on the whole database.
-    """
-
-    def __init__(self, shard, offset=0, total=None):
-        self.shard, self.offset = shard, offset
-        self.total = total if total is not None else shard.shape[0]
-
-    @classmethod
-    def from_full(cls, database):
-        rank, world = rank_world()
-        start, end = shard_range(database.shape[0], rank, world)
-        return cls(database[start:end], start, database.shape[0])
-
-    def search(self, queries, k, **knn_kwargs):
-        k = min(k, self.total)
-        s, i = knn(queries, self.shard, k, **knn_kwargs)
-        s, i = s.float(), i + self.offset
-        if not dist_on():
-            return s, i
-        Q = s.shape[0]
-        pad = k - s.shape[1]  # a shard smaller than k pads with entries that lose every comparison
-        s = torch.cat([s, s.new_full((Q, pad), float("-inf"))], 1)
-        i = torch.cat([i, i.new_full((Q, pad), NO_ID)], 1)
-        world = dist.get_world_size()
-        all_s, all_i = [torch.empty_like(s) for _ in range(world)], [torch.empty_like(i) for _ in range(world)]
-        dist.all_gather(all_s, s)
-        dist.all_gather(all_i, i)
-        return lexsort_rows(*select_topk(torch.cat(all_s, 1), torch.cat(all_i, 1), k))
-
-
-def search(queries, database, k, **knn_kwargs):
-    """knn() that shards `database` across ranks when a process group is up (every rank passes the same queries)."""
-    return ShardedKNN.from_full(database).search(queries, k, **knn_kwargs)
+def _my_rows(emb):
+    """This rank's contiguous share of all rows of emb: ((n, D) tensor, first row)."""
+    lo, hi = shard_range(len(emb), *rank_world())
+    return _rows(emb, lo, hi), lo
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 2. k-means, hierarchical k-means with resampling (Vo et al. 2024), balanced sampling
+# 1. Balanced sampling from the cluster tree (Vo et al. 2024)
 # ---------------------------------------------------------------------------------------------------------------
-
-def kmeans_plusplus(x, k, generator, progress=False):
-    """Greedy k-means++ seeding (Arthur & Vassilvitskii 2007, the variant scikit-learn uses): each new centroid
-    is the best, by the resulting potential, of 2 + log k points drawn with probability proportional to their
-    squared distance to the nearest centroid chosen so far (one draw alone misses a cluster too often). x (N, D)."""
-    threads = torch.get_num_threads()
-    if x.device.type == "cpu":
-        # k small sequential steps: an OpenMP fork/join per op costs more than the op (measured 12x slower on
-        # 2 threads than on 1 when another process shares the cores), so the seeding runs on one thread.
-        torch.set_num_threads(1)
-    try:
-        return _kmeans_plusplus(x, k, generator, progress)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _kmeans_plusplus(x, k, generator, progress):
-    N = x.shape[0]
-    trials = 2 + int(math.log(k))
-    x2 = (x * x).sum(1)  # (N,)
-    # Up to 4096 points, one (N, N) Gram matrix (<= 64 MB) replaces k skinny matmuls, which run ~10x below peak.
-    gram = x @ x.T if N <= 4096 else None
-    chosen = [int(torch.randint(N, (1,), generator=generator))]
-    d2 = (x2 - 2 * (x @ x[chosen[0]]) + x2[chosen[0]]).clamp_min_(0)  # (N,) squared distance to the nearest centroid
-    for _ in tqdm(range(1, k), desc="k-means++", disable=not progress, leave=False):
-        if d2.sum() > 0:
-            cand = torch.multinomial(d2.cpu(), trials, replacement=True, generator=generator).to(x.device)
-        else:  # fewer distinct points than k: any point will do
-            cand = torch.randint(N, (trials,), generator=generator).to(x.device)
-        dots = gram[cand] if gram is not None else x[cand] @ x.T  # (T, N)
-        d2_cand = torch.minimum(d2, (x2 - 2 * dots + x2[cand, None]).clamp_min_(0))  # (T, N)
-        best = int(d2_cand.sum(1).argmin())
-        chosen.append(int(cand[best]))
-        d2 = d2_cand[best]
-    return x[chosen].clone()
-
-
-def _assign(x, centroids, spherical, x_aug=None, x2=None, **knn_kwargs):
-    """Nearest centroid of every point: (distance^2 (N,), index (N,)), through knn with k=1.
-
-    argmin |x - c|^2 = argmax (x.c - |c|^2 / 2): an inner-product search between x_aug = [x, 1] (N, D+1) and
-    [c, -|c|^2 / 2] (K, D+1), so the bias costs no pass of its own. The bf16 screen is off here: many centroids
-    score within its error bound of the best one, and rescoring them would cost more than the fp32 matmul saves.
-    """
-    knn_kwargs = {"query_chunk": 16384, **knn_kwargs, "screen": False}
-    if spherical:  # unit vectors: |x - c|^2 = 2 - 2 x.c
-        s, i = knn(x, centroids, 1, **knn_kwargs)
-        return (2 - 2 * s[:, 0]).clamp_min(0), i[:, 0]
-    if x_aug is None:
-        x_aug = torch.cat([x, x.new_ones(len(x), 1)], 1)
-    c_aug = torch.cat([centroids, -0.5 * (centroids * centroids).sum(1, keepdim=True)], 1)
-    s, i = knn(x_aug, c_aug, 1, **knn_kwargs)
-    x2 = (x * x).sum(1) if x2 is None else x2
-    return (x2 - 2 * s[:, 0]).clamp_min(0), i[:, 0]
-
-
-def kmeans(x, k, n_iter=20, init="kmeans++", seed=0, spherical=False, init_points_per_centroid=4, log=None,
-           progress=False, **knn_kwargs):
-    """Lloyd's k-means: x (N, D) -> centroids (K, D), assignments (N,) to those final centroids.
-
-    init: "kmeans++" (on a random subsample of init_points_per_centroid * k points: the seeding takes k sequential
-    steps over its points, so on all N points it would cost more than the iterations) or "random".
-    An empty cluster is re-seeded at the point farthest from its centroid (it then owns at least that point).
-    spherical: centroids renormalised to unit length (cosine k-means). `log`, if a list, receives the inertia
-    (sum of squared distances) of each assignment step, which never increases.
-    """
-    x = torch.as_tensor(x).float()
-    N = x.shape[0]
-    if not 1 <= k <= N:
-        raise ValueError(f"k-means needs 1 <= k <= number of points, got k={k}, N={N}")
-    g = torch.Generator().manual_seed(seed)
-    if init == "kmeans++":
-        # NOTE(deviation): k-means++ seeds from a random subsample (as Faiss trains on one); Lloyd runs on all N.
-        sub = torch.randperm(N, generator=g)[:min(N, max(k, init_points_per_centroid * k))].to(x.device)
-        centroids = kmeans_plusplus(x[sub], k, g, progress)
-    elif init == "random":
-        centroids = x[torch.randperm(N, generator=g)[:k].to(x.device)].clone()
-    else:
-        raise ValueError(f"unknown init {init!r}; known: kmeans++, random")
-    if spherical:
-        centroids = F.normalize(centroids, dim=1)
-    x_aug = None if spherical else torch.cat([x, x.new_ones(N, 1)], 1)  # (N, D+1), see _assign
-    x2 = (x * x).sum(1)
-    for _ in tqdm(range(n_iter), desc=f"k-means k={k}", disable=not progress, leave=False):
-        d2, assign = _assign(x, centroids, spherical, x_aug, x2, **knn_kwargs)
-        if log is not None:
-            log.append(float(d2.double().sum()))
-        sums, counts = _cluster_sums(x, assign, k)  # (K, D), (K,)
-        full = counts > 0
-        centroids[full] = sums[full] / counts[full, None].to(x.dtype)
-        empty = (~full).nonzero().squeeze(1)
-        if len(empty):
-            centroids[empty] = x[d2.topk(len(empty)).indices]  # the points worst served by their centroid
-        if spherical:
-            centroids = F.normalize(centroids, dim=1)
-    d2, assign = _assign(x, centroids, spherical, x_aug, x2, **knn_kwargs)
-    if log is not None:
-        log.append(float(d2.double().sum()))
-    return centroids, assign
-
-
-def _cluster_sums(x, assign, k):
-    """Sum and count of the points of each cluster: (K, D), (K,)."""
-    counts = torch.bincount(assign, minlength=k)
-    if x.device.type != "cpu":
-        return torch.zeros(k, x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, assign, x), counts
-    # On CPU index_add_ runs on one thread; a sparse (K, N) one-hot matrix times x is a parallel matmul with the
-    # same sums (measured 3x faster for 100k x 384 points, 1000 clusters).
-    crow = torch.zeros(k + 1, dtype=torch.long)
-    crow[1:] = torch.cumsum(counts, 0)
-    with warnings.catch_warnings():  # "sparse CSR support is in beta": the matmul used here is long supported
-        warnings.simplefilter("ignore")
-        onehot = torch.sparse_csr_tensor(crow, assign.argsort(stable=True), torch.ones(len(x), dtype=x.dtype),
-                                         (k, len(x)))
-        return onehot @ x, counts
-
-
-def _closest_members(x, centroids, assign, r):
-    """Indices of the (at most) r members of each cluster closest to its centroid, all clusters together."""
-    d2 = ((x - centroids[assign]) ** 2).sum(1)
-    order = d2.argsort()
-    order = order[assign[order].argsort(stable=True)]  # grouped by cluster, closest first within each
-    counts = torch.bincount(assign, minlength=len(centroids))
-    starts = torch.cumsum(counts, 0) - counts
-    rank_in_cluster = torch.arange(len(order), device=x.device) - starts[assign[order]]
-    return order[rank_in_cluster < r]
-
-
-def hierarchical_kmeans(x, ks, n_iter=20, resample_steps=10, sample_sizes=None, seed=0, spherical=False,
-                        progress=False, **knn_kwargs):
-    """Vo et al. (2024) hierarchical k-means with resampling. x (N, D), ks = clusters per level (decreasing).
-
-    Level 1 clusters the points, level l+1 clusters the centroids of level l. At each level, after k-means, a
-    resampling step takes the r points closest to each centroid (r = sample size: about half the mean cluster size,
-    as in the follow-up paper's released config) and reruns k-means on that union, then reassigns all of the
-    level's points to the new centroids; repeated `resample_steps` times. Each cluster contributes the same number
-    of points to the union, so dense modes no longer attract extra centroids: the clusters spread evenly over the
-    concepts. Returns one dict per level: centroids (K_l, D), assignments (N_{l-1},) -> cluster of level l.
-    """
-    # NOTE(deviation): fp32 and n_iter=20 (the released code of Vo et al. computes in float64 with 50 iterations
-    # and skips resampling at its 10M-cluster first level, for cost); resampling here runs at every level.
-    x = torch.as_tensor(x).float()
-    levels, points = [], x
-    for level, k in enumerate(ks):
-        k = max(1, min(k, len(points)))
-        steps = resample_steps[level] if isinstance(resample_steps, (list, tuple)) else resample_steps
-        r = sample_sizes[level] if sample_sizes is not None else max(1, round(0.5 * len(points) / k))
-        lseed = seed + 1000 * level
-        centroids, assign = kmeans(points, k, n_iter, seed=lseed, spherical=spherical, progress=progress,
-                                   **knn_kwargs)
-        for step in tqdm(range(steps if r > 1 else 0), desc=f"level {level + 1} resampling", disable=not progress,
-                         leave=False):
-            sample = _closest_members(points, centroids, assign, r)
-            if len(sample) < k:  # clusters emptied by exact duplicates: too few points to recluster
-                break
-            centroids, _ = kmeans(points[sample], k, n_iter, seed=lseed + step + 1, spherical=spherical,
-                                  **knn_kwargs)
-            assign = _assign(points, centroids, spherical, **knn_kwargs)[1]
-        levels.append({"centroids": centroids, "assignments": assign})
-        points = centroids
-    return levels
-
 
 def _water_fill(sizes, n, rng):
     """Split n draws over groups of the given sizes as evenly as possible: each group gets min(size, t) for the
@@ -509,7 +127,7 @@ def balanced_sample(assignments, n_target, seed=0):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 3. Deduplication and 4. retrieval
+# 2. Deduplication and retrieval
 # ---------------------------------------------------------------------------------------------------------------
 
 def connected_components(n, src, dst):
@@ -531,32 +149,43 @@ def connected_components(n, src, dst):
         parent = new
 
 
-def dedup(emb, threshold, k=16, **knn_kwargs):
+def dedup(emb, threshold, k=16, block=16384, **knn_kwargs):
     """Near-duplicate removal inside one set: pairs with cosine >= threshold among each image's k nearest
     neighbours are joined into groups (connected components), and each group keeps its lowest index.
-    emb (N, D) L2-normalised -> kept indices (sorted LongTensor), group labels (N,) (= the kept index)."""
-    emb = torch.as_tensor(emb).float()
-    s, i = search(emb, emb, k + 1, **knn_kwargs)  # +1: every image finds itself
-    src = torch.arange(len(emb)).repeat_interleave(i.shape[1])
-    hit = (s.flatten().cpu() >= threshold) & (i.flatten().cpu() != src)
-    labels = connected_components(len(emb), src[hit], i.flatten().cpu()[hit])
+    emb (N, D) L2-normalised -> kept indices (sorted LongTensor), group labels (N,) (= the kept index).
+
+    emb may be a memory-mapped array: under torchrun each rank keeps only its share of the rows as the database,
+    and every rank reads all rows as queries, `block` at a time; only the edges found (few) are kept.
+    """
+    index = ShardedKNN(*_my_rows(emb), total=len(emb))
+    src, dst = [torch.zeros(0, dtype=torch.long)], [torch.zeros(0, dtype=torch.long)]
+    for q0 in range(0, len(emb), block):
+        q = _rows(emb, q0, min(len(emb), q0 + block))  # (B, D)
+        s, i = index.search(q, k + 1, **knn_kwargs)  # +1: every image finds itself
+        rows = torch.arange(q0, q0 + len(q))[:, None].expand_as(i)  # (B, k+1)
+        hit = (s.cpu() >= threshold) & (i.cpu() != rows)
+        src.append(rows[hit])
+        dst.append(i.cpu()[hit])
+    labels = connected_components(len(emb), torch.cat(src), torch.cat(dst))
     return (labels == torch.arange(len(emb))).nonzero().squeeze(1), labels
 
 
 def remove_near(pool_emb, exclude_emb, threshold, **knn_kwargs):
     """Pool images whose nearest image of an evaluation set has cosine >= threshold are dropped, so the evaluation
-    images cannot leak into training. Returns the kept pool indices (sorted LongTensor)."""
-    pool_emb = torch.as_tensor(pool_emb).float()
+    images cannot leak into training. Returns the kept pool indices (sorted LongTensor). Under torchrun each rank
+    checks its share of the pool rows against the whole (small) evaluation set."""
     if exclude_emb is None or len(exclude_emb) == 0:
         return torch.arange(len(pool_emb))
-    s, _ = search(pool_emb, torch.as_tensor(exclude_emb).float(), 1, **knn_kwargs)
-    return (s[:, 0].cpu() < threshold).nonzero().squeeze(1)
+    x, _ = _my_rows(pool_emb)
+    s, _ = knn(x, _rows(exclude_emb, 0, len(exclude_emb)), 1, **knn_kwargs)
+    return gather_shards(s[:, 0].cpu() < threshold).nonzero().squeeze(1)
 
 
-def retrieve(seed_emb, pool_emb, k=4, **knn_kwargs):
+def retrieve(seed_emb, pool, k=4, **knn_kwargs):
     """The k nearest pool images of every seed image (paper: N = 4): (sorted set of pool indices, the neighbour
-    lists (S, k))."""
-    _, i = search(torch.as_tensor(seed_emb).float(), torch.as_tensor(pool_emb).float(), k, **knn_kwargs)
+    lists (S, k)). pool: all pool rows (N, D), or a ShardedKNN over the ranks' shards of them."""
+    index = pool if isinstance(pool, ShardedKNN) else ShardedKNN(*_my_rows(pool), total=len(pool))
+    _, i = index.search(torch.as_tensor(seed_emb).float(), k, **knn_kwargs)
     return torch.unique(i.cpu()), i.cpu()
 
 
@@ -574,7 +203,7 @@ def retrieve_from_clusters(seed_emb, centroids, assignments, m, seed=0, **knn_kw
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 5. Embedding: a frozen backbone over many images, written to resumable on-disk chunks
+# 3. Embedding: a frozen backbone over many images, written to resumable on-disk chunks
 # ---------------------------------------------------------------------------------------------------------------
 
 def load_backbone(weights="", arch="vit_small"):
@@ -642,12 +271,13 @@ def _chunk_paths(out_dir, c):
 
 def embed(items, model, out_dir, batch_size=64, size=224, device=None, chunk_size=4096, num_workers=0,
           model_tag="", progress=True):
-    """L2-normalised features of `items` (paths, or a dataset of (PIL image, label)) -> np.ndarray (N, D) float32.
+    """L2-normalised features of `items` (paths, or a dataset of (PIL image, label)) -> EmbeddingChunks (N, D).
 
     The items are cut into fixed chunks of chunk_size; chunk c is written to OUT/chunk_c.npy (a numpy memmap,
     renamed into place when complete) plus a chunk_c.done marker. A rerun skips every finished chunk, so an
     interrupted run resumes where it stopped. Under torchrun, rank r embeds the chunks c = r, r + world, ...
-    (whole chunks, so every file has one writer), then all ranks wait for each other and read every chunk.
+    (whole chunks, so every file has one writer), then all ranks wait for each other; the result reads the chunk
+    files lazily (memory-mapped), so no process holds all N rows unless it asks for them.
     The features are the model's output (the cls token for a ViT), bf16 autocast on CUDA.
     """
     rank, world = rank_world()
@@ -698,77 +328,43 @@ def embed(items, model, out_dir, batch_size=64, size=224, device=None, chunk_siz
     return load_embeddings(out_dir)
 
 
-def load_embeddings(out_dir) -> np.ndarray:
-    """All chunks of an embed() folder, in order, as one (N, D) float32 array."""
-    with open(os.path.join(out_dir, "meta.json")) as f:
-        meta = json.load(f)
-    n_chunks = math.ceil(meta["n"] / meta["chunk_size"])
-    missing = [c for c in range(n_chunks) if not os.path.exists(_chunk_paths(out_dir, c)[1])]
-    if missing:
-        raise FileNotFoundError(f"{out_dir}: chunks {missing[:10]} are not finished; rerun the embedding")
-    return np.concatenate([np.load(_chunk_paths(out_dir, c)[0], mmap_mode="r") for c in range(n_chunks)])
+class EmbeddingChunks:
+    """The chunk files of an embed() folder as one (N, D) float32 array that is read lazily: a[lo:hi] reads only
+    the rows asked for, from the memory-mapped chunks that hold them; np.asarray(a) reads them all."""
+
+    def __init__(self, out_dir):
+        with open(os.path.join(out_dir, "meta.json")) as f:
+            meta = json.load(f)
+        self.chunk_size, n_chunks = meta["chunk_size"], math.ceil(meta["n"] / meta["chunk_size"])
+        missing = [c for c in range(n_chunks) if not os.path.exists(_chunk_paths(out_dir, c)[1])]
+        if missing:
+            raise FileNotFoundError(f"{out_dir}: chunks {missing[:10]} are not finished; rerun the embedding")
+        self.chunks = [np.load(_chunk_paths(out_dir, c)[0], mmap_mode="r") for c in range(n_chunks)]
+        self.shape = (meta["n"], self.chunks[0].shape[1] if n_chunks else 0)
+
+    def __len__(self):
+        return self.shape[0]
+
+    def __getitem__(self, rows):
+        if not isinstance(rows, slice) or rows.step not in (None, 1):
+            raise TypeError("EmbeddingChunks reads contiguous row ranges only: a[lo:hi]")
+        lo, hi, _ = rows.indices(len(self))
+        c0, c1 = lo // self.chunk_size, max(lo, hi - 1) // self.chunk_size + 1
+        parts = [self.chunks[c][max(lo - c * self.chunk_size, 0):max(hi - c * self.chunk_size, 0)]
+                 for c in range(c0, min(c1, len(self.chunks)))]
+        return np.concatenate(parts + [np.zeros((0, self.shape[1]), np.float32)])
+
+    def __array__(self, dtype=None, copy=None):
+        return self[:].astype(dtype or np.float32, copy=False)
+
+
+def load_embeddings(out_dir) -> EmbeddingChunks:
+    """The finished chunks of an embed() folder, in order, as one lazily read (N, D) float32 array."""
+    return EmbeddingChunks(out_dir)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Training-free embedders for the synthetic demo pool and the tests (the pipeline takes any backbone)
-# ---------------------------------------------------------------------------------------------------------------
-
-def _unnormalise(x):
-    from data import IMAGENET_MEAN, IMAGENET_STD
-    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    return (x * std.to(x.device) + mean.to(x.device)).clamp(0, 1)  # (B, 3, H, W) RGB in [0, 1]
-
-
-class CopyDescriptor(nn.Module):
-    """Copy detection (the paper's dedup used a copy-detection model): the image at 6x6 and 3x3, mean-removed.
-    Robust to re-encoding, resizing and a few % of crop; two different images rarely agree on 108 + 27 values."""
-
-    def forward(self, x):  # (B, 3, H, W) normalised -> (B, 135)
-        rgb = _unnormalise(x)
-        parts = []
-        for side in (6, 3):
-            t = F.adaptive_avg_pool2d(rgb, side).flatten(1)  # (B, 3*side*side)
-            parts.append(F.normalize(t - t.mean(1, keepdim=True), dim=1))
-        return torch.cat(parts, 1)
-
-
-class ShapeDescriptor(nn.Module):
-    """The class of a SyntheticDataset image is the shape of its one saturated object, so: segment the object by
-    saturation, then describe its shape independently of position, size and rotation: the fraction of its area
-    in rings around its centroid (minus that of a disc) and the magnitudes of the Fourier harmonics of its radius
-    around the centroid (rotation only shifts the phase)."""
-
-    def __init__(self, n_rings=12, n_angles=32, n_harmonics=8):
-        super().__init__()
-        self.n_rings, self.n_angles, self.n_harmonics = n_rings, n_angles, n_harmonics
-
-    def forward(self, x):  # (B, 3, H, W) normalised -> (B, 1 + n_rings + n_harmonics)
-        rgb = F.avg_pool2d(_unnormalise(x), 3, 1, 1)  # smoothing keeps pixel noise out of the saturation
-        B, _, H, W = rgb.shape
-        hi, lo = rgb.amax(1), rgb.amin(1)
-        fg = (((hi - lo) / hi.clamp_min(1e-3) > 0.5) & (hi > 0.5)).float()  # (B, H, W) saturated and bright
-        area = fg.sum((1, 2)).clamp_min(1)
-        yy, xx = torch.meshgrid(torch.arange(H, dtype=torch.float32, device=x.device),
-                                torch.arange(W, dtype=torch.float32, device=x.device), indexing="ij")
-        dy = yy - ((fg * yy).sum((1, 2)) / area)[:, None, None]
-        dx = xx - ((fg * xx).sum((1, 2)) / area)[:, None, None]
-        r = (dx ** 2 + dy ** 2).sqrt() / area.sqrt()[:, None, None]  # radius in units of sqrt(area)
-        ring = (r / 1.2 * self.n_rings).long().clamp(max=self.n_rings - 1).flatten(1)
-        rings = torch.zeros(B, self.n_rings, device=x.device).scatter_add_(1, ring, fg.flatten(1)) / area[:, None]
-        edges = torch.linspace(0, 1.2, self.n_rings + 1, device=x.device).clamp(max=1 / math.sqrt(math.pi))
-        disc = (edges[1:] ** 2 - edges[:-1] ** 2) * math.pi  # the same fractions for a disc of area 1
-        angle = ((torch.atan2(dy, dx) + math.pi) / (2 * math.pi) * self.n_angles).long()
-        angle = angle.clamp(max=self.n_angles - 1).flatten(1)
-        mass = torch.zeros(B, self.n_angles, device=x.device).scatter_add_(1, angle, fg.flatten(1))
-        radius = torch.zeros(B, self.n_angles, device=x.device).scatter_add_(1, angle, (r * fg).flatten(1))
-        spectrum = torch.fft.rfft(radius / mass.clamp_min(1), dim=1).abs()
-        harmonics = spectrum[:, 1:self.n_harmonics + 1] / spectrum[:, :1].clamp_min(1e-6)
-        # The constant keeps a disc (rings == disc, no harmonics) from being a zero vector that noise would steer.
-        return torch.cat([torch.full((B, 1), 0.3, device=x.device), 3 * (rings - disc), harmonics], 1)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# 6. The pipeline: dedup -> exclude -> cluster -> retrieve -> balance
+# 4. The pipeline: dedup -> exclude -> cluster -> retrieve -> balance
 # ---------------------------------------------------------------------------------------------------------------
 
 @dataclass
@@ -794,7 +390,6 @@ class CurateConfig:
     target: float = 0.5  # size of the balanced draw: a fraction of the candidates if <= 1, else a count
     seed: int = 0
     device: str = ""  # empty: cuda, else mps, else cpu
-    demo: bool = False  # build the synthetic test pool in a temp folder, run on it, print the metrics
 
 
 def _cluster_sizes(n, cfg) -> list:
@@ -808,48 +403,53 @@ def curate(pool_emb, seed_emb=None, exclude_emb=None, cfg=None, pool_copy_emb=No
     """Run the curation stages on precomputed, L2-normalised embeddings (rows of zeros = unreadable images).
 
     Duplicates and evaluation-set leaks are found in the copy-detection space (pool_copy_emb and exclude_emb; the
-    paper used a copy-detection model there), which defaults to pool_emb. Returns a dict: `selected` (pool indices
-    of the curated set), the indices kept after each stage, the clustering levels, and a `report` of counts.
+    paper used a copy-detection model there), which defaults to pool_emb. The pool arrays may be memory-mapped
+    (load_embeddings): under torchrun each rank reads only its share of the rows, and every rank returns the same
+    result as one process. Returns a dict: `selected` (pool indices of the curated set), the indices kept after each
+    stage, the clustering levels, and a `report` of counts.
     """
     cfg = cfg or CurateConfig()
     t0 = time.time()
-    pool_emb = torch.as_tensor(np.asarray(pool_emb)).float()
-    copy_emb = pool_emb if pool_copy_emb is None else torch.as_tensor(np.asarray(pool_copy_emb)).float()
-    report = {"pool": len(pool_emb)}
-    readable = (pool_emb.norm(dim=1) > 0).nonzero().squeeze(1)
-    report["unreadable"] = len(pool_emb) - len(readable)
+    N = len(pool_emb)
+    copy_emb = pool_emb if pool_copy_emb is None else pool_copy_emb
+    x, lo = _my_rows(pool_emb)  # (n, D) this rank's rows of the pool, lo the first one's index
+    readable = gather_shards(x.norm(dim=1).cpu() > 0)  # (N,) bool
+    report = {"pool": N, "unreadable": N - int(readable.sum())}
 
     # NOTE(deviation): the paper deduplicated with a dedicated copy-detection model; without one (the command
     # line), duplicates are found by a cosine threshold on the backbone's own features.
     print0("1/5 dedup: near-duplicate groups inside the pool, one image kept each")
-    keep, labels = dedup(copy_emb[readable], cfg.dedup_threshold, cfg.dedup_k, progress=progress)
-    after_dedup = readable[keep]
-    dup_group = torch.full((len(pool_emb),), -1, dtype=torch.long)
-    dup_group[readable] = readable[labels]  # pool index of the image each one's group kept
-    report["removed_duplicates"] = len(readable) - len(after_dedup)
+    keep, labels = dedup(copy_emb, cfg.dedup_threshold, cfg.dedup_k, progress=progress)  # zero rows join nothing
+    root = torch.zeros(N, dtype=torch.bool)
+    root[keep] = True
+    after_dedup = (root & readable).nonzero().squeeze(1)
+    dup_group = torch.where(readable, labels, -1)  # pool index of the image each one's group kept
+    report["removed_duplicates"] = int(readable.sum()) - len(after_dedup)
 
     print0("2/5 exclude: pool images that are near-duplicates of the evaluation set")
-    ex = None if exclude_emb is None else torch.as_tensor(np.asarray(exclude_emb)).float()
-    kept = after_dedup[remove_near(copy_emb[after_dedup], ex, cfg.exclude_threshold, progress=progress)]
+    clean = torch.zeros(N, dtype=torch.bool)
+    clean[remove_near(copy_emb, exclude_emb, cfg.exclude_threshold, progress=progress)] = True
+    clean &= root & readable
+    kept = clean.nonzero().squeeze(1)
     report["removed_near_exclude"] = len(after_dedup) - len(kept)
     report["kept_after_dedup_exclude"] = len(kept)
-
-    x = pool_emb[kept]  # (n, D) the clean pool
-    if len(x) == 0:
+    if len(kept) == 0:
         raise ValueError(f"no pool image is left after dedup and exclusion ({report}); with random or collapsed "
                          "features every image looks alike: pass trained --weights or raise the thresholds")
-    ks = _cluster_sizes(len(x), cfg)
-    # NOTE(deviation): under torchrun every rank runs the same (seeded) clustering on the whole clean pool: the
-    # searches shard, k-means does not. Only rank 0 writes the outputs.
+
+    x = x[clean[lo:lo + len(x)].to(x.device)]  # this rank's rows of the clean pool, in pool order
+    ks = _cluster_sizes(len(kept), cfg)
     print0(f"3/5 cluster: hierarchical k-means with resampling, clusters per level {ks}")
-    levels = hierarchical_kmeans(x, ks, cfg.kmeans_iters, cfg.resample_steps, seed=cfg.seed, progress=progress)
+    levels = hierarchical_kmeans(x, ks, cfg.kmeans_iters, cfg.resample_steps, seed=cfg.seed, progress=progress,
+                                 resume_dir=os.path.join(cfg.out, "clusters"))
+    levels[0]["assignments"] = gather_shards(levels[0]["assignments"].cpu())  # (len(kept),) O(N) ints, not rows
     report["clusters_per_level"] = [len(level["centroids"]) for level in levels]
 
     neighbours = None
     if seed_emb is not None and len(seed_emb):
         print0(f"4/5 retrieve: the {cfg.retrieve_k} nearest pool images of each of {len(seed_emb)} seeds")
-        seeds = torch.as_tensor(np.asarray(seed_emb)).float()
-        candidates, neighbours = retrieve(seeds, x, cfg.retrieve_k, progress=progress)
+        seeds = _rows(seed_emb, 0, len(seed_emb))
+        candidates, neighbours = retrieve(seeds, ShardedKNN.from_shard(x), cfg.retrieve_k, progress=progress)
         if cfg.cluster_sample > 0:
             from_clusters = retrieve_from_clusters(seeds, levels[0]["centroids"], levels[0]["assignments"],
                                                    cfg.cluster_sample, cfg.seed)
@@ -857,7 +457,7 @@ def curate(pool_emb, seed_emb=None, exclude_emb=None, cfg=None, pool_copy_emb=No
         report["retrieved"] = len(candidates)
     else:
         print0("4/5 retrieve: no seeds, every clean pool image is a candidate")
-        candidates = torch.arange(len(x))
+        candidates = torch.arange(len(kept))
         report["retrieved"] = 0
     report["candidates"] = len(candidates)
 
@@ -906,170 +506,6 @@ def write_outputs(out, paths, result):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 7. The synthetic test pool: duplicates, a strong class imbalance, junk; seeds; an evaluation set
-# ---------------------------------------------------------------------------------------------------------------
-
-DEMO_POOL_COUNTS = (120, 60, 30, 20, 12, 8, 6, 4)  # images per class in the pool: a 30x imbalance
-DEMO_SEED_COUNTS = (16, 8, 4, 3, 2, 2)  # seed images of classes 0-5 (classes 6, 7 have none)
-
-
-def _jpeg(img, quality):
-    from PIL import Image
-    buf = io.BytesIO()
-    img.save(buf, "JPEG", quality=quality)
-    buf.seek(0)
-    return Image.open(buf).convert("RGB")
-
-
-def build_demo_pool(root, size=96, seed=0, n_duplicates=50, n_junk=20, n_exclude=8) -> dict:
-    """Write the test pool under root/ and return its ground truth.
-
-    pool: SyntheticDataset images with DEMO_POOL_COUNTS per class, plus near-duplicates of n_duplicates of them
-    (cycling: JPEG re-encoded at quality 30-70, downscaled to 50-80 % then JPEG, cropped by 1-4 % per side), plus
-    unrelated junk (uniform noise, smooth noise, plain colours), shuffled. seeds: other images of classes 0-5.
-    exclude: JPEG copies of n_exclude pool originals (an evaluation set that must not leak).
-    Returns paths and, per pool image, its class (-1 for junk) and duplicate group (the original's pool index).
-    """
-    from PIL import Image
-    from data import SyntheticDataset
-    rng = np.random.default_rng(seed)
-    n_classes = len(DEMO_POOL_COUNTS)
-    ds = SyntheticDataset(n=n_classes * max(DEMO_POOL_COUNTS), size=size, n_classes=n_classes, seed=seed)
-    images, labels, origin = [], [], []  # origin: index (in this list) of the original an image copies
-    for c, count in enumerate(DEMO_POOL_COUNTS):
-        for j in range(count):
-            images.append(ds[c + n_classes * j][0])  # labels are i % n_classes
-            labels.append(c)
-            origin.append(len(origin))
-    n_orig = len(images)
-    for n, i in enumerate(rng.choice(n_orig, n_duplicates, replace=False)):
-        img, kind = images[i], n % 3
-        if kind == 0:
-            copy = _jpeg(img, int(rng.integers(30, 71)))
-        elif kind == 1:
-            side = int(size * rng.uniform(0.5, 0.8))
-            copy = _jpeg(img.resize((side, side), Image.Resampling.BILINEAR), 90)
-        else:
-            l, t, r, b = (int(round(size * f)) for f in rng.uniform(0.01, 0.04, 4))
-            copy = img.crop((l, t, size - r, size - b))
-        images.append(copy)
-        labels.append(labels[i])
-        origin.append(int(i))
-    for n in range(n_junk):
-        kind = n % 3
-        if kind == 0:  # uniform noise
-            pixels = rng.integers(0, 256, (size, size, 3))
-        elif kind == 1:  # smooth noise, no object
-            coarse = Image.fromarray(rng.integers(0, 256, (4, 4, 3)).astype(np.uint8))
-            pixels = np.asarray(coarse.resize((size, size), Image.Resampling.BICUBIC)).astype(np.int64)
-        else:  # a plain colour, hues spread out so that two of them are not copies of each other
-            import colorsys
-            rgb = colorsys.hsv_to_rgb((n / n_junk + 0.05) % 1.0, 0.8, 0.9)
-            pixels = np.array(rgb)[None, None] * 255 + rng.integers(-6, 7, (size, size, 3))
-        images.append(Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)))
-        labels.append(-1)
-        origin.append(len(origin))
-    order = rng.permutation(len(images))  # shuffled, so originals are not always the lowest index
-    position = np.empty_like(order)
-    position[order] = np.arange(len(order))
-    os.makedirs(os.path.join(root, "pool"), exist_ok=True)
-    pool_paths = []
-    for p, i in enumerate(order):
-        path = os.path.join(root, "pool", f"{p:05d}.png")
-        images[i].save(path)
-        pool_paths.append(path)
-    pool_labels = np.array(labels)[order]
-    pool_group = position[np.array(origin)[order]]  # pool index of each image's original
-    seed_ds = SyntheticDataset(n=n_classes * max(DEMO_SEED_COUNTS), size=size, n_classes=n_classes, seed=seed + 1)
-    os.makedirs(os.path.join(root, "seeds"), exist_ok=True)
-    seed_paths, seed_labels = [], []
-    for c, count in enumerate(DEMO_SEED_COUNTS):
-        for j in range(count):
-            path = os.path.join(root, "seeds", f"{c}_{j:03d}.png")
-            seed_ds[c + n_classes * j][0].save(path)
-            seed_paths.append(path)
-            seed_labels.append(c)
-    os.makedirs(os.path.join(root, "eval"), exist_ok=True)
-    exclude_paths, exclude_sources = [], []
-    for n, i in enumerate(rng.choice(n_orig, n_exclude, replace=False)):
-        path = os.path.join(root, "eval", f"{n:03d}.jpg")
-        images[i].save(path, quality=int(rng.integers(40, 80)))
-        exclude_paths.append(path)
-        exclude_sources.append(int(position[i]))
-    return {"pool": pool_paths, "pool_labels": pool_labels, "pool_group": pool_group, "seeds": seed_paths,
-            "seed_labels": np.array(seed_labels), "exclude": exclude_paths, "exclude_sources": exclude_sources}
-
-
-def _entropy_bits(labels) -> float:
-    counts = np.unique(np.asarray(labels), return_counts=True)[1]
-    p = counts / counts.sum()
-    return float(-(p * np.log2(p)).sum())
-
-
-def demo_metrics(truth, result) -> dict:
-    """Score a curate() run on the synthetic pool against its ground truth."""
-    n = len(truth["pool"])
-    group, labels = truth["pool_group"], truth["pool_labels"]
-    # Dedup: every image of an injected group but the group's lowest index should go, and nothing else.
-    should_go = np.zeros(n, bool)
-    for g in np.unique(group):
-        members = np.flatnonzero(group == g)
-        should_go[members[1:]] = True  # np.flatnonzero is sorted: members[0] is the lowest index
-    gone = np.ones(n, bool)
-    gone[result["after_dedup"].numpy()] = False
-    hit = (gone & should_go).sum()
-    # Exclusion: the evaluation images' sources and all their copies must be gone from the clean pool.
-    leaked = np.isin(group, group[truth["exclude_sources"]])
-    kept = np.zeros(n, bool)
-    kept[result["kept"].numpy()] = True
-    excluded = ~kept & ~gone
-    seed_classes = np.unique(truth["seed_labels"])
-    cand, sel = result["candidates"].numpy(), result["selected"].numpy()
-    pairs = labels[result["neighbours"].numpy()] == truth["seed_labels"][:, None]
-    return {
-        "dedup_precision": float(hit / max(gone.sum(), 1)), "dedup_recall": float(hit / max(should_go.sum(), 1)),
-        "exclude_recall": float(1 - (kept & leaked).sum() / max(leaked.sum(), 1)),
-        "exclude_precision": float((excluded & leaked).sum() / max(excluded.sum(), 1)),
-        "retrieval_precision": float(pairs.mean()),  # neighbours of the seed's own class
-        "retrieved_in_seed_classes": float(np.isin(labels[cand], seed_classes).mean()),
-        "entropy_pool_bits": _entropy_bits(labels[result["kept"].numpy()]),
-        "entropy_candidates_bits": _entropy_bits(labels[cand]),
-        "entropy_balanced_bits": _entropy_bits(labels[sel]),
-        "entropy_uniform_seed_classes_bits": float(np.log2(len(seed_classes))),  # all seed classes equal
-    }
-
-
-DEMO_OVERRIDES = dict(size=98, dedup_threshold=0.98, exclude_threshold=0.98, clusters="24,8", kmeans_iters=20,
-                      resample_steps=5, target=0.5, workers=0, batch_size=64)
-
-
-def run_demo(cfg, root=None, progress=True) -> dict:
-    """Build the synthetic pool (in a temp folder unless root is given), curate it with the training-free
-    descriptors (CopyDescriptor for dedup/exclusion, ShapeDescriptor for everything else), print the metrics."""
-    cfg = dataclasses.replace(cfg, **DEMO_OVERRIDES)
-    root = root or tempfile.mkdtemp(prefix="curate_demo_")
-    print0(f"building the synthetic test pool in {root}")
-    truth = build_demo_pool(root, size=96, seed=cfg.seed)
-    emb_dir = os.path.join(cfg.out, "embeddings")
-    kw = dict(batch_size=cfg.batch_size, size=cfg.size, device="cpu", chunk_size=cfg.chunk_size, progress=progress)
-    copy_model, shape_model = CopyDescriptor(), ShapeDescriptor()
-    pool_copy = embed(truth["pool"], copy_model, os.path.join(emb_dir, "pool_copy"), model_tag="copy", **kw)
-    pool_shape = embed(truth["pool"], shape_model, os.path.join(emb_dir, "pool_shape"), model_tag="shape", **kw)
-    seeds = embed(truth["seeds"], shape_model, os.path.join(emb_dir, "seeds_shape"), model_tag="shape", **kw)
-    exclude = embed(truth["exclude"], copy_model, os.path.join(emb_dir, "exclude_copy"), model_tag="copy", **kw)
-    result = curate(pool_shape, seeds, exclude, cfg, pool_copy_emb=pool_copy, progress=progress)
-    metrics = demo_metrics(truth, result)
-    result["report"]["demo_metrics"] = metrics
-    if rank_world()[0] == 0:
-        write_outputs(cfg.out, truth["pool"], result)
-        print0("\n| stage / metric | value |\n| --- | --- |")
-        for key, value in {**result["report"], **metrics}.items():
-            if key != "demo_metrics":
-                print0(f"| {key} | {value:.3f} |" if isinstance(value, float) else f"| {key} | {value} |")
-    return {"truth": truth, "result": result, "metrics": metrics}
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -1082,8 +518,8 @@ def parse_args(argv=None) -> CurateConfig:
         else:
             parser.add_argument(f"--{field.name.replace('_', '-')}", type=type(field.default), default=field.default)
     cfg = CurateConfig(**vars(parser.parse_args(argv)))  # parse_args rejects unknown flags
-    if not cfg.demo and not cfg.pool:
-        parser.error("--pool is required (or --demo)")
+    if not cfg.pool:
+        parser.error("--pool is required (python curate_demo.py runs on a synthetic pool)")
     return cfg
 
 
@@ -1101,8 +537,6 @@ def main(argv=None):
         dist.init_process_group(backend)
     print0("config:", json.dumps(dataclasses.asdict(cfg)))
     try:
-        if cfg.demo:
-            return run_demo(cfg)
         model = load_backbone(cfg.weights, cfg.arch)
         patch = model.patch_size
         size = max(patch, round(cfg.size / patch) * patch)

@@ -45,6 +45,7 @@ from tqdm import tqdm
 
 import data
 import vit
+from knn import ShardedKNN, shard_range
 
 DEFAULT_WEIGHTS = Path("runs/train/teacher_backbone.pth")
 
@@ -237,18 +238,20 @@ def extract_features(model: nn.Module, dataset, batch_size: int = 64, device=Non
 # k-NN (dinov2/eval/knn.py)
 
 
-def knn_scores(train: torch.Tensor, train_labels: torch.Tensor, queries: torch.Tensor, n_classes: int,
+def knn_scores(train, train_labels: torch.Tensor, queries: torch.Tensor, n_classes: int,
                ks=(10, 20, 100, 200), T: float = 0.07) -> dict:
     """Class scores {k: (Q, C)} of the released weighted k-NN, for L2-normalised train (Ntr, D) and queries (Q, D).
 
     The top max_k neighbours (max_k = max(ks), capped at the train size) by cosine similarity get the weights
     softmax(sims / T), normalised over all max_k of them; the score of a class for a given k is the sum of the
     weights of the first k neighbours with that label. (DINOv1 used exp(sims / T): same argmax, since the
-    normalisation is one constant per query.)
+    normalisation is one constant per query.) The neighbours come from knn.py's exact search: equal similarities
+    are ordered by the lower train index. `train` may be a knn.ShardedKNN over the ranks' shards of the train
+    features (every rank then passes the same queries and gets the same scores); train_labels are all Ntr labels.
     """
-    max_k = min(max(ks), len(train))
-    sims = queries @ train.T  # (Q, Ntr)
-    top_sims, top_idx = sims.topk(max_k, dim=1)  # (Q, max_k), most similar first
+    index = train if isinstance(train, ShardedKNN) else ShardedKNN(train, local=True)
+    max_k = min(max(ks), index.total)
+    top_sims, top_idx = index.search(queries, max_k)  # (Q, max_k), most similar first
     weights = (top_sims / T).softmax(dim=1)  # (Q, max_k): normalised over all max_k neighbours, as released
     neighbour_labels = train_labels[top_idx]  # (Q, max_k)
     scores = {}
@@ -261,33 +264,37 @@ def knn_scores(train: torch.Tensor, train_labels: torch.Tensor, queries: torch.T
 
 
 def knn_classify(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor, n_classes: int,
-                 ks=(10, 20, 100, 200), T: float = 0.07, chunk: int = 256, device=None) -> dict:
+                 ks=(10, 20, 100, 200), T: float = 0.07, chunk: int = 256, device=None, shard: bool = True) -> dict:
     """Weighted k-NN, the released protocol. Returns {k: top-5 predicted classes (Q, min(5, C)), best first}.
 
     Features are L2-normalised here and moved to `device` (default: where they are); queries go through
-    knn_scores in chunks of `chunk`, so memory stays O(chunk * n_train) whatever the number of queries.
-    NOTE(deviation): the released code shards the train features over the ranks and gathers each rank's top-k;
-    here one process holds them all (1.28M x 384 fp32 is 2 GB), which keeps this a dozen lines.
+    knn_scores in chunks of `chunk`. Under torchrun (shard=True) every rank must call this with the same features:
+    as in the released code, each rank keeps a contiguous shard of the train features, searches it, and the
+    per-rank top-k lists are gathered and merged (knn.ShardedKNN), so the result equals one process's. shard=False
+    (a call made on one rank only) searches all train features locally.
     """
     device = torch.device(device) if device is not None else test_feats.device
-    train = F.normalize(train_feats.float().to(device), dim=1)  # (Ntr, D)
+    rank, world = _dist_info() if shard else (0, 1)
+    start, end = shard_range(len(train_feats), rank, world)
+    local = F.normalize(train_feats[start:end].float().to(device), dim=1)  # (Ntr / world, D) this rank's shard
+    train = ShardedKNN(local, start, len(train_feats), local=not shard)
     test = F.normalize(test_feats.float().to(device), dim=1)  # (Q, D)
     train_labels = train_labels.long().to(device)
     n_top = min(5, n_classes)
     preds = {k: [torch.zeros(0, n_top, dtype=torch.long)] for k in ks}
-    for start in range(0, len(test), chunk):
-        for k, scores in knn_scores(train, train_labels, test[start:start + chunk], n_classes, ks, T).items():
+    for q0 in range(0, len(test), chunk):
+        for k, scores in knn_scores(train, train_labels, test[q0:q0 + chunk], n_classes, ks, T).items():
             preds[k].append(scores.topk(n_top, dim=1).indices.cpu())  # (Qc, 5)
     return {k: torch.cat(v) for k, v in preds.items()}
 
 
 def knn_accuracy(train_feats, train_labels, test_feats, test_labels, n_classes: int, ks=(10, 20, 100, 200),
-                 T: float = 0.07, chunk: int = 256, device=None) -> dict:
+                 T: float = 0.07, chunk: int = 256, device=None, shard: bool = True) -> dict:
     """{k: {"top1": %, "top5": %}} of knn_classify (micro-averaged, as the released MulticlassAccuracy).
 
     With fewer than 5 classes "top5" is top-C, trivially 100.
     """
-    preds = knn_classify(train_feats, train_labels, test_feats, n_classes, ks, T, chunk, device)
+    preds = knn_classify(train_feats, train_labels, test_feats, n_classes, ks, T, chunk, device, shard)
     test_labels = test_labels.long().cpu().view(-1, 1)  # (Q, 1)
     return {k: {"top1": 100.0 * (p[:, :1] == test_labels).any(1).float().mean().item(),
                 "top5": 100.0 * (p == test_labels).any(1).float().mean().item()} for k, p in preds.items()}
@@ -586,15 +593,17 @@ def _format_table(res: dict) -> str:
 
 def evaluate_model(model, train_set, val_set, n_classes: int, cfg: EvalConfig, size: int, device, seg_set=None,
                    linear: bool = True, name: str = "backbone") -> dict | None:
-    """Every protocol on one backbone; features extracted on all ranks, the protocols run on rank 0."""
+    """Every protocol on one backbone; features extracted and the k-NN run on all ranks, the rest on rank 0."""
     train = extract_features(model, train_set, cfg.batch_size, device, num_workers=cfg.num_workers,
                              desc=f"{name}: train features")
     val = extract_features(model, val_set, cfg.batch_size, device, num_workers=cfg.num_workers,
                            desc=f"{name}: val features")
+    # every rank: the k-NN shards the train features over the ranks (released `dinov2/eval/knn.py`)
+    knn = knn_accuracy(train["cls"], train["labels"], val["cls"], val["labels"], n_classes, cfg.ks, cfg.temperature,
+                       device=device)
     if _dist_info()[0] != 0:
         return None
-    res = dict(knn={str(k): v for k, v in knn_accuracy(train["cls"], train["labels"], val["cls"], val["labels"],
-                                                       n_classes, cfg.ks, cfg.temperature, device=device).items()})
+    res = dict(knn={str(k): v for k, v in knn.items()})
     if linear:
         res["linear"] = linear_probe(train, val, n_classes, cfg.linear_epochs, cfg.linear_batch_size,
                                      holdout=cfg.holdout, seed=cfg.seed, device=device)
@@ -650,7 +659,7 @@ def main(argv=None) -> dict | None:
             ds.transform = transform
         results["raw_pixels"] = dict(model="raw pixels 28x28", knn={str(k): v for k, v in knn_accuracy(
             raw["train"], torch.tensor(train_set.targets), raw["val"], torch.tensor(val_set.targets), n_classes,
-            cfg.ks, cfg.temperature).items()})
+            cfg.ks, cfg.temperature, shard=False).items()})  # rank 0 alone: a local search
     res = evaluate_model(model, train_set, val_set, n_classes, cfg, size, device, seg_set)
     if res is not None:
         results["backbone"] = dict(model=f"random init {cfg.arch}" if cfg.random else weights, **res)

@@ -1,12 +1,9 @@
-"""Tests for curate.py: the exact kNN engine (chunked, bf16-screened, sharded under torchrun), k-means, the balanced
-draw, dedup, resumable embedding, and the whole pipeline on the synthetic test pool. CPU only, about a minute."""
+"""Tests for curate.py: the balanced draw, dedup, exclusion and retrieval, resumable embedding read lazily from its
+chunks, and the whole pipeline on the synthetic test pool. CPU only, about a minute. The kNN engine and k-means, and
+the pipeline sharded over 2 ranks, are tested in test_knn.py."""
 import importlib.util
 import json
 import os
-import socket
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -19,190 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 HAVE_VIT_AND_DATA = all(importlib.util.find_spec(m) is not None for m in ("vit", "data"))
 
 
-def brute_force_knn(queries, database, k):
-    """The reference: every score, then one full stable sort per row (equal scores keep the index order)."""
-    scores = queries @ database.T  # (Q, N)
-    ids = scores.sort(dim=1, descending=True, stable=True).indices[:, :k]
-    return scores.gather(1, ids), ids
-
-
-def integer_data(n, d, seed, low=-2, high=3):
-    """Small integers: every inner product is exact in bf16 and fp32 whatever the summation order, and many are
-    equal, so ties are everywhere."""
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(low, high, (n, d), generator=g).float()
-
-
-def adjusted_rand_index(a, b):
-    """ARI of two labelings (Hubert & Arabie), from the contingency table."""
-    a, b = np.unique(np.asarray(a), return_inverse=True)[1], np.unique(np.asarray(b), return_inverse=True)[1]
-    table = np.zeros((a.max() + 1, b.max() + 1))
-    np.add.at(table, (a, b), 1)
-    comb = lambda x: (x * (x - 1) / 2).sum()  # noqa: E731
-    index, rows, cols = comb(table), comb(table.sum(1)), comb(table.sum(0))
-    expected = rows * cols / comb(np.array([len(a)]))
-    return (index - expected) / ((rows + cols) / 2 - expected)
-
-
 # ---------------------------------------------------------------------------------------------------------------
-# kNN engine
-
-
-@pytest.mark.parametrize("screen", [False, True])
-@pytest.mark.parametrize("Q,N,D,k,query_chunk,db_chunk", [
-    (37, 1000, 16, 5, 10, 160),  # several chunks both ways, last ones partial
-    (50, 777, 8, 3, 7, 64),  # db chunk not a multiple of the group size at the end
-    (20, 300, 4, 10, 20, 48),  # narrow blocks: direct search
-    (64, 5000, 3, 7, 64, 1024),  # 3 dims: massive ties
-    (5, 3, 4, 10, 2, 2),  # k larger than the database
-    (300, 20000, 32, 10, 128, 4096),  # the grouped fast path with straddling ties
-    (100, 3000, 8, 1, 100, 1000),  # k = 1 (the k-means assignment)
-])
-def test_knn_equals_brute_force_with_ties(Q, N, D, k, query_chunk, db_chunk, screen):
-    q, db = integer_data(Q, D, 1), integer_data(N, D, 2)
-    db[N // 2:N // 2 + 5] = db[1]  # exact duplicate rows: equal scores
-    s, i = curate.knn(q, db, k, query_chunk=query_chunk, db_chunk=db_chunk, screen=screen)
-    ref_s, ref_i = brute_force_knn(q, db, min(k, N))
-    assert torch.equal(i, ref_i)
-    assert torch.equal(s, ref_s)
-
-
-def test_knn_bias_and_float_data():
-    q, db, bias = integer_data(40, 6, 3), integer_data(900, 6, 4), integer_data(900, 1, 5)[:, 0]
-    s, i = curate.knn(q, db, 6, query_chunk=16, db_chunk=128, bias=bias, screen=True)
-    ref = q @ db.T + bias
-    ids = torch.tensor([sorted(range(900), key=lambda j: (-row[j], j))[:6] for row in ref.tolist()])  # by hand
-    assert torch.equal(i, ids) and torch.equal(s, ref.gather(1, ids))
-    # Unit-norm float features, the real use: same neighbours as a full sort, scores to fp32 rounding.
-    g = torch.Generator().manual_seed(0)
-    q = torch.nn.functional.normalize(torch.randn(200, 64, generator=g), dim=1)
-    db = torch.nn.functional.normalize(torch.randn(20000, 64, generator=g), dim=1)
-    ref_s, ref_i = (q @ db.T).topk(10, dim=1)
-    for screen in (False, True):
-        s, i = curate.knn(q, db, 10, query_chunk=64, db_chunk=4096, screen=screen)
-        assert torch.equal(i, ref_i)
-        torch.testing.assert_close(s, ref_s, rtol=0, atol=1e-5)
-
-
-def test_ties_broken_by_lower_index():
-    db = torch.tensor([[1.0, 0], [0, 1], [1, 0], [1, 0], [0.5, 0], [1, 0]])
-    s, i = curate.knn(torch.tensor([[1.0, 0]]), db, 4, db_chunk=2)
-    assert i.tolist() == [[0, 2, 3, 5]] and s.tolist() == [[1, 1, 1, 1]]
-    # The same ids whatever the chunking and query position.
-    q = torch.tensor([[0.0, 1], [1.0, 0], [1.0, 0]])
-    for chunk in (1, 2, 3, 6):
-        _, i = curate.knn(q, db, 3, query_chunk=chunk, db_chunk=chunk)
-        assert i.tolist() == [[1, 0, 2], [0, 2, 3], [0, 2, 3]]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-WORKER = textwrap.dedent("""
-    import os, sys
-    sys.path.insert(0, {root!r})
-    import torch, torch.distributed as dist
-    import curate
-    dist.init_process_group("gloo")
-    rank = dist.get_rank()
-    out = {{}}
-    for name, (Q, N, D, k, seed) in {cases!r}.items():
-        g = torch.Generator().manual_seed(seed)
-        q = torch.randint(-2, 3, (Q, D), generator=g).float()
-        db = torch.randint(-2, 3, (N, D), generator=g).float()
-        out[name] = curate.search(q, db, k, query_chunk=17, db_chunk=64)
-    emb = torch.nn.functional.normalize(torch.randint(-1, 2, (301, 4), generator=g).float(), dim=1)
-    out["dedup"] = curate.dedup(emb, 0.999, k=8)
-    torch.save(out, os.path.join(sys.argv[1], f"rank{{rank}}.pt"))
-    dist.barrier()
-    dist.destroy_process_group()
-""")
-SHARD_CASES = {"odd_sizes": (50, 1001, 6, 7, 0), "k_above_shard": (9, 5, 3, 4, 1), "ties": (40, 600, 2, 10, 2)}
-
-
-def test_sharded_knn_under_torchrun_equals_single_process(tmp_path):
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER.format(root=str(ROOT), cases=SHARD_CASES))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}", str(script), str(tmp_path)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)  # a hang fails here
-    results = [tmp_path / f"rank{r}.pt" for r in range(2)]
-    assert all(p.exists() for p in results), proc.stdout[-3000:] + proc.stderr[-3000:]
-    g = None
-    for name, (Q, N, D, k, seed) in SHARD_CASES.items():
-        g = torch.Generator().manual_seed(seed)
-        q = torch.randint(-2, 3, (Q, D), generator=g).float()
-        db = torch.randint(-2, 3, (N, D), generator=g).float()
-        ref_s, ref_i = curate.knn(q, db, k)  # one process, the whole database
-        assert torch.equal(ref_i, brute_force_knn(q, db, min(k, N))[1])
-        for path in results:
-            s, i = torch.load(path)[name]
-            assert torch.equal(i, ref_i), name
-            assert torch.equal(s, ref_s), name
-    emb = torch.nn.functional.normalize(torch.randint(-1, 2, (301, 4), generator=g).float(), dim=1)
-    keep, labels = curate.dedup(emb, 0.999, k=8)
-    for path in results:
-        k2, l2 = torch.load(path)["dedup"]
-        assert torch.equal(k2, keep) and torch.equal(l2, labels)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# k-means, hierarchical k-means, balanced sampling
-
-
-def blobs(n_per, centers, spread, seed):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.cat([c + spread * torch.randn(n_per, len(c), generator=g) for c in centers])
-    return x, torch.arange(len(centers)).repeat_interleave(n_per)
-
-
-@pytest.mark.parametrize("spherical", [False, True])
-def test_kmeans_recovers_blobs_and_inertia_never_increases(spherical):
-    g = torch.Generator().manual_seed(0)
-    centers = torch.nn.functional.normalize(torch.randn(6, 16, generator=g), dim=1) * 4
-    x, truth = blobs(100, centers, 0.3, 1)
-    if spherical:
-        x = torch.nn.functional.normalize(x, dim=1)
-    log = []
-    c, a = curate.kmeans(x, 6, n_iter=15, seed=3, spherical=spherical, log=log)
-    assert adjusted_rand_index(a.numpy(), truth.numpy()) > 0.99
-    assert all(later <= earlier * (1 + 1e-6) + 1e-9 for earlier, later in zip(log, log[1:])), log
-    # The returned assignment is the nearest centroid of every point.
-    d = torch.cdist(x, c) if not spherical else -(x @ c.T)
-    assert torch.equal(a, d.argmin(1))
-    # A poor start (random init, more clusters than blobs) still never increases the inertia; none ends empty.
-    log = []
-    c, a = curate.kmeans(x, 20, n_iter=10, init="random", seed=0, spherical=spherical, log=log)
-    assert all(later <= earlier * (1 + 1e-6) + 1e-9 for earlier, later in zip(log, log[1:])), log
-    assert torch.bincount(a, minlength=20).min() > 0
-
-
-def test_empty_clusters_are_reseeded():
-    x = torch.cat([torch.zeros(50, 2), torch.tensor([[10.0, 0], [0, 10], [-10, 0]])])  # many identical points
-    c, a = curate.kmeans(x, 4, n_iter=5, init="random", seed=0)
-    assert torch.bincount(a, minlength=4).min() > 0  # the three far points got their own centroids
-
-
-def test_hierarchical_kmeans_levels():
-    g = torch.Generator().manual_seed(0)
-    x, _ = blobs(40, torch.randn(8, 8, generator=g) * 5, 0.5, 2)
-    levels = curate.hierarchical_kmeans(x, (16, 4), n_iter=10, resample_steps=3, seed=0)
-    assert [lv["centroids"].shape for lv in levels] == [(16, 8), (4, 8)]
-    assert levels[0]["assignments"].shape == (320,) and levels[1]["assignments"].shape == (16,)
-    assert levels[0]["assignments"].max() < 16 and levels[1]["assignments"].max() < 4
-    # Resampling keeps the r points nearest each centroid: check the helper against a loop.
-    c, a = curate.kmeans(x, 16, n_iter=5, seed=0)
-    picked = set(curate._closest_members(x, c, a, 3).tolist())
-    expected = set()
-    for j in range(16):
-        members = (a == j).nonzero().squeeze(1)
-        d = ((x[members] - c[j]) ** 2).sum(1)
-        expected |= set(members[d.argsort()[:3]].tolist())
-    assert picked == expected
+# Balanced sampling
 
 
 def test_balanced_sample_draws_evenly():
@@ -282,6 +97,8 @@ def test_embed_vit_and_resume(tmp_path):
     with torch.no_grad():
         ref = torch.nn.functional.normalize(vit(x), dim=1).numpy()
     np.testing.assert_allclose(first, ref, atol=1e-5)
+    for lo, hi in ((0, 10), (3, 9), (4, 8), (7, 7), (9, 10)):  # row ranges read lazily across chunk boundaries
+        np.testing.assert_array_equal(first[lo:hi], np.asarray(first)[lo:hi])
     assert sorted(os.listdir(out)) == sorted(["meta.json"] + [f"chunk_{c:06d}.{e}" for c in range(3)
                                                                for e in ("npy", "done")])
     # Simulate an interrupted run: chunk 1 lost. The rerun redoes only its 4 images and gives the same array.
@@ -300,13 +117,14 @@ def test_embed_vit_and_resume(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The whole pipeline on the synthetic test pool
+# The whole pipeline on the synthetic test pool (curate_demo.py)
 
 
 @pytest.mark.skipif(not HAVE_VIT_AND_DATA, reason="vit.py / data.py not present")
 def test_end_to_end_on_the_synthetic_pool(tmp_path):
-    cfg = curate.CurateConfig(out=str(tmp_path / "out"), demo=True)
-    run = curate.run_demo(cfg, root=str(tmp_path / "data"), progress=False)
+    import curate_demo
+    cfg = curate.CurateConfig(out=str(tmp_path / "out"))
+    run = curate_demo.run_demo(cfg, root=str(tmp_path / "data"), progress=False)
     m, truth = run["metrics"], run["truth"]
     print(json.dumps(m, indent=1))
     assert m["dedup_precision"] >= 0.95 and m["dedup_recall"] >= 0.95
