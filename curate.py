@@ -26,7 +26,6 @@ Run:  python curate.py --pool DIR_or_list --seeds DIR_or_list [--exclude DIR] [-
       torchrun --nproc_per_node=N curate.py ...   (every stage shards across ranks)
 Shapes: Q queries, N database rows, D width, K clusters.
 """
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -42,20 +41,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from knn import ShardedKNN, dist_on, gather_shards, hierarchical_kmeans, knn, rank_world, shard_range
-
-
-def print0(*args, **kwargs):
-    if rank_world()[0] == 0:
-        print(*args, **kwargs, flush=True)
-
-
-def pick_device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+import cli
+import distributed
+from cli import arg
+from distributed import gather_shards, is_dist, pick_device, print0, rank_world
+from knn import ShardedKNN, hierarchical_kmeans, knn, shard_range
 
 
 def _rows(emb, lo, hi):
@@ -323,7 +313,7 @@ def embed(items, model, out_dir, batch_size=64, size=224, device=None, chunk_siz
         os.replace(partial, path)  # a chunk file exists only once complete
         open(done, "w").close()
     bar.close()
-    if dist_on():
+    if is_dist():
         dist.barrier()
     return load_embeddings(out_dir)
 
@@ -369,27 +359,51 @@ def load_embeddings(out_dir) -> EmbeddingChunks:
 
 @dataclass
 class CurateConfig:
-    pool: str = ""  # folder or .txt list of the uncurated images
-    seeds: str = ""  # folder or .txt list of curated seed images; empty: balance the whole pool (Vo et al.)
-    exclude: str = ""  # evaluation images: their near-duplicates leave the pool
-    out: str = "runs/curate"  # curated.txt, report.json, clusters.png, embeddings/
-    weights: str = ""  # backbone checkpoint (vit.from_pretrained); empty: a random --arch, with a warning
-    arch: str = "vit_small"  # used only without --weights
-    size: int = 224  # images resized to size x size (rounded to a multiple of the patch)
-    batch_size: int = 64
-    workers: int = 4  # DataLoader workers for decoding
-    chunk_size: int = 4096  # images per on-disk embedding chunk: the unit of resume
-    dedup_threshold: float = 0.95  # cosine at or above which two pool images are near-duplicates
-    dedup_k: int = 16  # neighbours examined per image for duplicates
-    exclude_threshold: float = 0.95  # cosine to an evaluation image at or above which a pool image is dropped
-    retrieve_k: int = 4  # nearest pool images per seed (paper: N = 4)
-    cluster_sample: int = 0  # > 0: also this many images from each seed's pool cluster (paper: M = 10,000)
-    clusters: str = "auto"  # clusters per level, e.g. "1000,100"; auto: N/10, then its square root
-    kmeans_iters: int = 20
-    resample_steps: int = 10  # Vo et al.'s resampling steps per level
-    target: float = 0.5  # size of the balanced draw: a fraction of the candidates if <= 1, else a count
-    seed: int = 0
-    device: str = ""  # empty: cuda, else mps, else cpu
+    pool: str = arg("", "folder or .txt list of the uncurated images")
+    seeds: str = arg("", "folder or .txt list of curated seed images; empty: balance the whole pool (Vo et al.)")
+    exclude: str = arg("", "evaluation images: their near-duplicates leave the pool")
+    out: str = arg("runs/curate", "curated.txt, report.json, clusters.png, embeddings/")
+    weights: str = arg("", "backbone checkpoint (vit.from_pretrained); empty: a random --arch, with a warning")
+    arch: str = arg("vit_small", "used only without --weights")
+    size: int = arg(224, "images resized to size x size (rounded to a multiple of the patch)")
+    batch_size: int = arg(64, "images per embedding batch")
+    workers: int = arg(4, "DataLoader workers for decoding")
+    chunk_size: int = arg(4096, "images per on-disk embedding chunk: the unit of resume")
+    dedup_threshold: float = arg(0.95, "cosine at or above which two pool images are near-duplicates")
+    dedup_k: int = arg(16, "neighbours examined per image for duplicates")
+    exclude_threshold: float = arg(0.95, "cosine to an evaluation image at or above which a pool image is dropped")
+    retrieve_k: int = arg(4, "nearest pool images per seed (paper: N = 4)")
+    cluster_sample: int = arg(0, "> 0: also this many images from each seed's pool cluster (paper: M = 10,000)")
+    clusters: str = arg("auto", "clusters per level, e.g. \"1000,100\"; auto: N/10, then its square root")
+    kmeans_iters: int = arg(20, "Lloyd iterations per k-means")
+    resample_steps: int = arg(10, "Vo et al.'s resampling steps per level")
+    target: float = arg(0.5, "size of the balanced draw: a fraction of the candidates if <= 1, else a count")
+    seed: int = arg(0, "seed of the k-means initialisation and the balanced draw")
+    device: str = arg("", "empty: cuda, else mps, else cpu")
+
+    def __post_init__(self):
+        for name in ("batch_size", "chunk_size", "dedup_k", "retrieve_k", "kmeans_iters"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        for name in ("workers", "cluster_sample", "resample_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        for name in ("dedup_threshold", "exclude_threshold"):
+            if not -1.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"--{name.replace('_', '-')} is a cosine similarity, in [-1, 1]; got "
+                                 f"{getattr(self, name)}")
+        if self.target <= 0:
+            raise ValueError(f"--target must be > 0 (a fraction <= 1 of the candidates, or a count); got {self.target}")
+        if self.size < 1:
+            raise ValueError(f"--size must be a positive number of pixels, got {self.size}")
+        if self.clusters != "auto":
+            try:
+                ks = [int(k) for k in self.clusters.split(",")]
+            except ValueError:
+                ks = []
+            if not ks or min(ks) < 1:
+                raise ValueError(f"--clusters must be 'auto' or positive integers separated by commas, e.g. "
+                                 f"1000,100; got {self.clusters!r}")
 
 
 def _cluster_sizes(n, cfg) -> list:
@@ -510,16 +524,10 @@ def write_outputs(out, paths, result):
 # ---------------------------------------------------------------------------------------------------------------
 
 def parse_args(argv=None) -> CurateConfig:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for field in dataclasses.fields(CurateConfig):
-        if field.type == "bool" or field.type is bool:
-            parser.add_argument(f"--{field.name.replace('_', '-')}", action="store_true", default=field.default)
-        else:
-            parser.add_argument(f"--{field.name.replace('_', '-')}", type=type(field.default), default=field.default)
-    cfg = CurateConfig(**vars(parser.parse_args(argv)))  # parse_args rejects unknown flags
+    cfg = cli.parse(CurateConfig, argv, __doc__)  # every field a flag; range checks in __post_init__
     if not cfg.pool:
-        parser.error("--pool is required (python curate_demo.py runs on a synthetic pool)")
+        cli.build_parser(CurateConfig, __doc__).error("--pool is required (python curate_demo.py runs on a "
+                                                      "synthetic pool)")
     return cfg
 
 
@@ -530,11 +538,7 @@ def _image_paths(root) -> list:
 
 def main(argv=None):
     cfg = parse_args(argv)
-    if "RANK" in os.environ and not dist_on():  # launched by torchrun
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend)
+    distributed.init(cfg.device or "auto")  # under torchrun: the process group, each rank its own GPU
     print0("config:", json.dumps(dataclasses.asdict(cfg)))
     try:
         model = load_backbone(cfg.weights, cfg.arch)
@@ -557,9 +561,8 @@ def main(argv=None):
             print0(f"wrote {cfg.out}/curated.txt ({len(result['selected'])} images), report.json, clusters.png")
         return result
     finally:
-        if dist_on():
-            dist.destroy_process_group()
+        distributed.close()
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -25,7 +25,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from curate import CurateConfig, curate, embed, print0, rank_world, write_outputs
+from curate import CurateConfig, curate, embed, write_outputs
+from distributed import print0, rank_world
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -68,6 +68,43 @@ def all_reduce_(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
     return t
 
 
+def _comm(t):
+    """t where the process group communicates from: the current GPU under NCCL, else the CPU."""
+    if dist.get_backend() == "nccl":
+        return t.to(torch.device("cuda", torch.cuda.current_device()))
+    return t.cpu()
+
+
+def all_reduce_sum(t):
+    """The sum of t over ranks (t itself without a process group)."""
+    if not is_dist():
+        return t
+    c = _comm(t).clone()
+    dist.all_reduce(c)
+    return c.to(t.device)
+
+
+def all_gather_cat(t, dim=0):
+    """Every rank's t (one shape on all ranks) concatenated along dim in rank order."""
+    if not is_dist():
+        return t
+    c = _comm(t).contiguous()
+    parts = [torch.empty_like(c) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, c)
+    return torch.cat(parts, dim).to(t.device)
+
+
+def gather_shards(t):
+    """Every rank's t (sizes along dim 0 may differ) concatenated in rank order: the whole sharded array."""
+    if not is_dist():
+        return t
+    sizes = all_gather_cat(torch.tensor([len(t)]))
+    padded = t.new_zeros((int(sizes.max()), *t.shape[1:]))
+    padded[:len(t)] = t
+    parts = all_gather_cat(padded[None])  # (world, max size, ...)
+    return torch.cat([part[:n] for part, n in zip(parts, sizes.tolist())])
+
+
 def barrier():
     if is_dist():
         dist.barrier()

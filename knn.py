@@ -34,13 +34,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-
-def dist_on() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def rank_world() -> tuple:
-    return (dist.get_rank(), dist.get_world_size()) if dist_on() else (0, 1)
+from distributed import all_gather_cat, all_reduce_sum, gather_shards, is_dist, rank_world
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -227,43 +221,6 @@ def shard_range(n, rank, world) -> tuple:
     return n * rank // world, n * (rank + 1) // world
 
 
-def _comm(t):
-    """t where the process group communicates from: the current GPU under NCCL, else the CPU."""
-    if dist.get_backend() == "nccl":
-        return t.to(torch.device("cuda", torch.cuda.current_device()))
-    return t.cpu()
-
-
-def all_reduce_sum(t):
-    """The sum of t over ranks (t itself without a process group)."""
-    if not dist_on():
-        return t
-    c = _comm(t).clone()
-    dist.all_reduce(c)
-    return c.to(t.device)
-
-
-def all_gather_cat(t, dim=0):
-    """Every rank's t (one shape on all ranks) concatenated along dim in rank order."""
-    if not dist_on():
-        return t
-    c = _comm(t).contiguous()
-    parts = [torch.empty_like(c) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, c)
-    return torch.cat(parts, dim).to(t.device)
-
-
-def gather_shards(t):
-    """Every rank's t (sizes along dim 0 may differ) concatenated in rank order: the whole sharded array."""
-    if not dist_on():
-        return t
-    sizes = all_gather_cat(torch.tensor([len(t)]))
-    padded = t.new_zeros((int(sizes.max()), *t.shape[1:]))
-    padded[:len(t)] = t
-    parts = all_gather_cat(padded[None])  # (world, max size, ...)
-    return torch.cat([part[:n] for part, n in zip(parts, sizes.tolist())])
-
-
 def shard_offset(n_local) -> tuple:
     """(global row number of this rank's first row, total rows) of data sharded over ranks in rank order."""
     sizes = all_gather_cat(torch.tensor([n_local]))
@@ -321,7 +278,7 @@ class ShardedKNN:
         k = min(k, self.total)
         s, i = knn(queries, self.shard, k, **knn_kwargs)
         s, i = s.float(), i + self.offset
-        if self.local or not dist_on():
+        if self.local or not is_dist():
             return s, i
         Q, pad = s.shape[0], k - s.shape[1]  # a shard smaller than k pads with entries that lose every comparison
         s = torch.cat([s, s.new_full((Q, pad), float("-inf"))], 1)
@@ -672,7 +629,7 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch and faiss threads (0: torch's default)")
     args = parser.parse_args(argv)
-    if "RANK" in os.environ and not dist_on():
+    if "RANK" in os.environ and not is_dist():
         dist.init_process_group("gloo")
     rank, world = rank_world()
     if args.threads:
@@ -727,7 +684,7 @@ def main(argv=None):
     peak = [[round(v, 2) for v in r] for r in all_gather_cat(torch.tensor([[base, _rss_peak()]])).tolist()]
     say(f"resident memory per rank (GiB), [after making the data, peak after that]: {peak}; "
         f"this rank's rows {x.numel() * 4 / 2 ** 30:.3f} GiB")
-    if dist_on():
+    if is_dist():
         dist.destroy_process_group()
 
 
