@@ -589,13 +589,14 @@ class Checkpointer:
     def resume(self, student, ema, optimizer, centers, cfg):
         """Load the newest checkpoint that loads, falling back past unreadable ones with a warning; the step to
         start from (0 without any checkpoint). A checkpoint of another model is an error, not a fallback."""
+        from torch.distributed.checkpoint import CheckpointException  # a BaseException: named apart
         failed = []
         for path in reversed(self._folders()):
             try:
                 step = self.load(path, student, ema, optimizer, centers, cfg)
             except cli.UserError:
                 raise
-            except Exception as e:  # truncated shard, missing extra.pt, torn metadata: try the one before it
+            except (Exception, CheckpointException) as e:  # truncated shard, no extra.pt, torn metadata: go back one
                 why = (str(e).strip().splitlines() or [""])[0][:200]
                 failed.append(path.name)
                 print0(f"warning: checkpoint {path} is incomplete or unreadable ({type(e).__name__}: {why}); "
