@@ -644,7 +644,7 @@ def main(argv=None) -> dict | None:
         val_set = data.ImageFolderDataset(cfg.val, transform=transform)
         if list(train_set.classes) != list(val_set.classes):
             raise UserError(f"--train and --val have different classes: {len(train_set.classes)} in {cfg.train}, "
-                             f"{len(val_set.classes)} in {cfg.val}; labels would not match")
+                            f"{len(val_set.classes)} in {cfg.val}; labels would not match")
         n_classes = max(1, len(train_set.classes))
     seg_set = val_set if hasattr(val_set, "sample") else None  # only data with foreground masks
 

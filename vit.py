@@ -431,10 +431,14 @@ def _read_hf_folder(folder):
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise UserError(f"{folder} is a folder without config.json, so not a Hugging Face model folder")
-    config = json.loads(config_path.read_text())
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{config_path} is not valid JSON ({e})") from None
+    config = config if isinstance(config, dict) else {}
     if config.get("model_type") not in ("dinov2", "dinov2_with_registers"):
         raise UserError(f"{config_path}: model_type {config.get('model_type')!r} is not a DINOv2 model "
-                         "('dinov2' or 'dinov2_with_registers')")
+                        "('dinov2' or 'dinov2_with_registers')")
     D, H = config.get("hidden_size"), config.get("num_attention_heads")
     if not D or not H or H * 64 != D:
         raise UserError(f"{config_path}: {H} attention heads for width {D}; the archs here have heads of 64 dims")
@@ -442,7 +446,7 @@ def _read_hf_folder(folder):
                                  "pytorch_model.bin.index.json") if (folder / name).is_file()]
     if not present:
         raise UserError(f"{folder}: config.json but no weights (model.safetensors, pytorch_model.bin or a sharded "
-                         f".index.json); the folder holds: {_list_keys(p.name for p in folder.iterdir())}")
+                        f".index.json); the folder holds: {_list_keys(p.name for p in folder.iterdir())}")
     try:
         _safetensors("")
     except ImportError:  # without the package, a folder that also has the torch files (hub repos often do) uses them
@@ -494,7 +498,9 @@ def read_checkpoint(path, mmap=False):
     if path.suffix == ".safetensors":
         try:
             return _safetensors(f"reading {path}").load_file(str(path), device="cpu")
-        except (OSError, RuntimeError, ValueError) as e:  # safetensors' own header and size checks
+        except ImportError:
+            raise
+        except Exception as e:  # safetensors' own header and size checks (SafetensorError is an Exception)
             raise UserError(f"could not read {path}: the .safetensors file is corrupt or truncated ({e})") from e
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
@@ -765,8 +771,8 @@ def hub_model(name, *, pretrained=True, weights=None, **kwargs):
     arch, registers = HUB_ENTRY_POINTS[name]
     if pretrained and weights is None:
         raise UserError(f"{name}: pretrained weights are never downloaded by this repository; pass "
-                         f"weights=PATH (a hub .pth, a Hugging Face folder, a timm file), or pretrained=False for a "
-                         f"random init")
+                        f"weights=PATH (a hub .pth, a Hugging Face folder, a timm file), or pretrained=False for a "
+                        f"random init")
     if not pretrained and weights is not None:
         raise UserError(f"{name}: weights={weights!r} with pretrained=False; drop one of the two")
     released = dict(img_size=518, patch_size=14, init_values=1.0, num_register_tokens=4 if registers else 0,
@@ -826,7 +832,7 @@ def backbone_state_dict_from(obj):
     converted = {"hub": dict, "hf": hf_to_hub, "timm": timm_to_hub}[layout](sd) if layout else {}
     if not _VIT_KEYS <= converted.keys():
         raise UserError(f"not a ViT backbone state dict. Layouts tried: {LAYOUTS}. "
-                         f"Found {len(sd)} tensors: {_list_keys(sd.keys())}")
+                        f"Found {len(sd)} tensors: {_list_keys(sd.keys())}")
     return converted
 
 
