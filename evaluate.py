@@ -90,9 +90,8 @@ def load_backbone(weights=None, arch: str = "vit_tiny", device=None, random_init
         raise MissingFile(f"weights file not found: {path}")
     try:  # a file or a Hugging Face folder; a training checkpoint folder is an error that says what to pass
         model = vit.from_pretrained(str(path))
-    except (UserError, KeyError) as e:
-        # Re-raised, not swallowed: the user learns which file failed and why, and nothing is loaded partially.
-        raise UserError(f"could not load a ViT backbone from {path}: {e}") from e
+    except KeyError as e:  # a tensor the layout needs is missing
+        raise UserError(f"could not load a ViT backbone from {path}: no tensor {e}") from e
     return _freeze(model, device)
 
 

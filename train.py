@@ -628,9 +628,15 @@ class Checkpointer:
             return
         what = f"non-finite loss: term '{min(bad)[1]}' at step {min(bad)[0]}" if bad else \
             f"non-finite weights after step {step}"
-        raise NonFiniteError(
-            f"{what}; nothing was saved after it, the last good checkpoint is {self.latest()} (the same command "
-            f"resumes from it; a lower --base-lr or --clip-grad, or another --seed, may avoid the divergence)")
+        raise NonFiniteError(f"{what}; nothing was saved after it. {self.last_good()}")
+
+    def last_good(self):
+        """Where a run that stopped on a non-finite value can start again."""
+        latest = self.latest()
+        advice = "a lower --base-lr or --clip-grad, or another --seed, may avoid the divergence"
+        if latest is None:
+            return f"No checkpoint was saved before it (check --init-from and the data; {advice})"
+        return f"The last good checkpoint is {latest}: the same command resumes from it ({advice})"
 
     def save(self, step, student, ema, optimizer, centers, cfg, first_bad=None, terms=()):
         import torch.distributed.checkpoint as dcp
@@ -875,9 +881,8 @@ def fit(cfg, rank, world, device, strategy, student_p, student, teacher, ema, ex
                 stats, bad = stats.tolist(), first_bad.tolist()  # the one host sync per log step
                 if max(bad) >= 0:
                     bad_step, name = min((b, t) for b, t in zip(bad, terms) if b >= 0)
-                    raise NonFiniteError(
-                        f"non-finite loss: term '{name}' at step {bad_step}; nothing was saved after it, the last "
-                        f"good checkpoint is {ckpt.latest()} (running the same command resumes from it)")
+                    raise NonFiniteError(f"non-finite loss: term '{name}' at step {bad_step}; nothing was saved "
+                                         f"after it. {ckpt.last_good()}")
                 stopping = stats[-1] > 0
                 now = time.perf_counter()
                 n_steps = stats[len(terms)] / world

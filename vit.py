@@ -810,7 +810,12 @@ def backbone_state_dict_from(obj):
     `_checkpoint_wrapped_module.` segments anywhere; the chunked `blocks.<c>.<i>.` layout. Head keys (dino_head.,
     ibot_head., and an HF task model's classifier) and loss centers are left out."""
     if isinstance(obj, (str, os.PathLike)):
-        obj = read_checkpoint(obj)
+        try:
+            return backbone_state_dict_from(read_checkpoint(obj))
+        except UserError as e:  # name the file, once
+            if str(obj) in str(e):
+                raise
+            raise type(e)(f"{obj}: {e}") from None
     while isinstance(obj, Mapping):  # unwrap {"teacher": {...}} and the like, possibly nested
         wrapper = next((k for k in ("teacher", "model", "student", "backbone", "state_dict")
                         if isinstance(obj.get(k), Mapping)), None)
@@ -857,15 +862,23 @@ def load_pretrained(model, path_or_state_dict):
     misshapen = sorted(f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
                        for k in own.keys() & sd.keys() if sd[k].shape != own[k].shape)
     if missing or unexpected or misshapen:
-        lines = ["checkpoint does not fit the model:"]
+        src = path_or_state_dict if isinstance(path_or_state_dict, (str, os.PathLike)) else "checkpoint"
+        parts = [f"{src} does not fit the model"]
+        D, D_own = sd["cls_token"].shape[-1], own["cls_token"].shape[-1]
+        depth, depth_own = (len({k.split(".")[1] for k in d if k.startswith("blocks.")}) for d in (sd, own))
+        if D != D_own:  # the usual cause: another arch (train.py --arch, or the wrong file)
+            parts.append(f"It is a {ARCH_BY_WIDTH.get(D, f'width-{D}')} (width {D}), the model a "
+                         f"{ARCH_BY_WIDTH.get(D_own, f'width-{D_own}')} (width {D_own}): use the checkpoint's arch")
+        elif depth != depth_own:
+            parts.append(f"It has {depth} blocks, the model {depth_own}: use the checkpoint's depth")
         if missing:
-            lines.append(f"  missing keys ({len(missing)}): {_list_keys(missing)}")
+            parts.append(f"missing keys ({len(missing)}): {_list_keys(missing)}")
         if unexpected:
-            lines.append(f"  unexpected keys ({len(unexpected)}): {_list_keys(unexpected)}")
+            parts.append(f"unexpected keys ({len(unexpected)}): {_list_keys(unexpected)}")
         if misshapen:
-            lines.append(f"  shape mismatches ({len(misshapen)}): " + "; ".join(misshapen[:12])
+            parts.append(f"shape mismatches ({len(misshapen)}): " + "; ".join(misshapen[:12])
                          + (f"; ... ({len(misshapen) - 12} more)" if len(misshapen) > 12 else ""))
-        raise UserError("\n".join(lines))
+        raise UserError(". ".join(parts))  # one line: the `error:` line of the scripts
     model.load_state_dict(sd, strict=True)
     return model
 
