@@ -52,6 +52,10 @@ def run(main, *args, **kwargs):
         raise SystemExit(1) from None
 
 
+class MissingFile(UserError, FileNotFoundError):
+    """A path the user gave that is not there: a UserError, and a FileNotFoundError for callers that catch that."""
+
+
 def _unwrap_optional(tp):
     """`X | None` -> (X, True); X -> (X, False)."""
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
@@ -61,14 +65,18 @@ def _unwrap_optional(tp):
     return tp, False
 
 
-def _add_flag(parser, f, tp, default):
-    """One argparse flag for a dataclass field of (resolved) type tp; its value is absent unless given."""
+def _add_flag(parser, f, tp, default, positional=False):
+    """One argparse flag for a dataclass field of (resolved) type tp; its value is absent unless given. A positional
+    field (a list) takes the bare arguments instead of a flag."""
     kind, _ = _unwrap_optional(tp)
     shown = f" [default {default!r}]" if default is not dataclasses.MISSING else ""
     help_ = (f.metadata.get("help", "") + shown).replace("%", "%%")
     name = "--" + f.name.replace("_", "-")
     kw = dict(default=argparse.SUPPRESS, help=help_)
-    if kind is bool:
+    if positional:
+        args = typing.get_args(kind)
+        parser.add_argument(f.name, type=args[0] if args else str, nargs="*", **kw)
+    elif kind is bool:
         parser.add_argument(name, action=argparse.BooleanOptionalAction, **kw)
     elif typing.get_origin(kind) in (tuple, list):
         args = typing.get_args(kind)
@@ -82,28 +90,32 @@ def _add_flag(parser, f, tp, default):
         raise TypeError(f"{f.name}: no flag for type {tp!r}")
 
 
-def build_parser(cls, description="", presets=None, preset_key="arch"):
-    """argparse parser for every field of the dataclass `cls` (see the module docstring)."""
+def build_parser(cls, description="", presets=None, preset_key="arch", positional=()):
+    """argparse parser for every field of the dataclass `cls` (see the module docstring); the list fields named in
+    `positional` take the bare arguments (visualize.py's image paths)."""
     epilog = f"Unset flags take the --{preset_key.replace('_', '-')} preset's value, else the default." \
         if presets else None
-    parser = argparse.ArgumentParser(description=(description or "").strip().split("\n\n")[0], epilog=epilog)
+    # a short usage line: a usage error is then one line to read, not the list of every flag (that is --help)
+    parser = argparse.ArgumentParser(description=(description or "").strip().split("\n\n")[0], epilog=epilog,
+                                     usage="%(prog)s [flags]" + "".join(f" [{p.upper()} ...]" for p in positional)
+                                     + "  (--help lists them)")
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING)
-        _add_flag(parser, f, hints[f.name], default)
+        _add_flag(parser, f, hints[f.name], default, f.name in positional)
     parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="show the full traceback of errors (same as DINOV2_DEBUG=1)")
     return parser
 
 
-def parse(cls, argv=None, description="", presets=None, preset_key="arch", canonical=None):
+def parse(cls, argv=None, description="", presets=None, preset_key="arch", canonical=None, positional=()):
     """Settings of dataclass `cls` from the command line: flags > presets[value of preset_key] > field defaults.
 
     `canonical` maps the preset key's value to its canonical name (train.py: vit_s -> vit_small); the ValueError it
     raises for an unknown name is a usage error. Returns the config instance.
     """
-    parser = build_parser(cls, description, presets, preset_key)
+    parser = build_parser(cls, description, presets, preset_key, positional)
     given = vars(parser.parse_args(argv))  # only the flags on the command line; unknown flags are an error
     given.pop("debug", None)
     given = {k: tuple(v) if isinstance(v, list) and isinstance(getattr(cls, k, None), tuple) else v

@@ -16,6 +16,7 @@ Public names, in reading order:
     stream_seed, seeded                                    the one seed formula: (seed, purpose, position)
     GlobalBatchSampler, MultiCropDataset                   the training stream: global batches cut into rank
                                                            slices, every draw seeded by stream position
+    SkipReport                                             unreadable files of the stream, named and counted
 
 Randomness: an augmentation draws from a `random.Random` seeded from torch's global RNG (`torch_seed()`), so
 torch.manual_seed fixes it. In training, each image's augmentation runs under seeded(stream_seed(seed, AUGMENT,
@@ -25,10 +26,8 @@ of its place in the stream alone, whatever the number of ranks and DataLoader wo
 Run `python data.py` to print the masking statistics (200 batches of 64 images, 16x16 grid) and the augmentation
 speed (images/s for one worker, the full 2 x 224 + 8 x 98 pipeline on a 500x375 photo-sized JPEG).
 """
-import argparse
 import colorsys
 import contextlib
-import dataclasses
 import functools
 import io
 import math
@@ -41,6 +40,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageOps
+
+import cli
+from cli import MissingFile, UserError, arg
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -297,8 +299,8 @@ class MaskingGenerator:
 
 
 class MultiCropCollate:
-    """Collate one rank's slice of a global batch, [(stream position, (crops_dict, label))] * B, into the batch the
-    loop uses, and draw the iBOT masks of its global crops.
+    """Collate one rank's slice of a global batch, [(stream position, (crops_dict, label)[, skipped files])] * B,
+    into the batch the loop uses, and draw the iBOT masks of its global crops.
 
     Stacking is view-major (crop j of image b at row j * B + b), so the first B rows are view 0 of every image.
     Masks (released `collate.py`): exactly int(2B * mask_probability) global crops of the *global* batch are masked;
@@ -334,8 +336,8 @@ class MultiCropCollate:
         return np.stack(masks).reshape(2 * B, grid.num_patches)  # (2B, N)
 
     def __call__(self, items) -> dict:
-        positions = [pos for pos, _ in items]
-        crops = [sample[0] for _, sample in items]
+        positions = [item[0] for item in items]
+        crops = [item[1][0] for item in items]
         B = len(crops)
         step, first = divmod(positions[0], B * self.world)  # which global batch, and where this rank's slice starts
         n_global, n_local = len(crops[0]["global_crops"]), len(crops[0]["local_crops"])
@@ -363,7 +365,8 @@ class MultiCropCollate:
             "mask_indices": torch.from_numpy(mask_indices).long(),
             "mask_weights": torch.from_numpy(mask_weights).float(),
             "n_masked": int(mask_indices.size),
-            "labels": torch.tensor([sample[1] for _, sample in items], dtype=torch.long),
+            "labels": torch.tensor([item[1][1] for item in items], dtype=torch.long),
+            "skipped": [path for item in items for path in (item[2] if len(item) > 2 else ())],  # unreadable files
         }
 
 
@@ -393,29 +396,35 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     - A .txt file: one path per line, optionally followed by whitespace and an integer label; relative paths are
       resolved against the list's folder; blank lines and lines starting with '#' are ignored.
     Files are not decoded up front (that would take hours on millions of images). A file that fails to load is
-    skipped: `__getitem__` returns the next readable sample, warns once per process, and counts the failures in
-    `n_skipped` (`summary()` gives a one-line report).
+    skipped: `__getitem__` returns the next readable sample, names each of the first `name_limit` unreadable files in
+    a warning (per process), and counts the failures in `n_skipped` (`summary()` gives a one-line report). Every
+    skip is also appended to `skip_log` (the path), which the training stream drains to report skips from the
+    DataLoader workers in the main process (SkipReport).
     """
+    name_limit = 3  # unreadable files named one by one in this process; the rest are counted
 
     def __init__(self, root, transform=None):
         self.root = os.fspath(root)
         self.transform = transform
         if not os.path.exists(self.root):
-            raise FileNotFoundError(f"dataset root not found: {self.root}")
+            raise MissingFile(f"dataset root not found: {self.root} (pass an image folder or a .txt list of paths)")
         if os.path.isfile(self.root):
             if not self.root.lower().endswith(".txt"):
-                raise ValueError(f"dataset root must be a folder or a .txt list of paths, got {self.root}")
+                raise UserError(f"dataset root must be a folder or a .txt list of paths, got the file {self.root}")
             self.samples, self.classes = self._read_list(self.root)
         else:
             self.samples, self.classes = self._scan_folder(self.root)
         if not self.samples:
-            raise FileNotFoundError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) in {self.root}")
+            raise MissingFile(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) in {self.root}, searched "
+                              f"recursively; point it at a folder of images or of class sub-folders")
         # Cheap sanity check: opening a header reads a few bytes, and the first good file ends the search.
         if not any(self._header_ok(path) for path, _ in self.samples):
-            raise ValueError(f"no readable image among the {len(self.samples)} files in {self.root}")
+            raise UserError(f"no readable image among the {len(self.samples)} files in {self.root} (e.g. "
+                            f"{self.samples[0][0]}): are they images, and complete?")
         self.targets = [label for _, label in self.samples]
         self.n_skipped = 0
         self._bad = set()  # indices known to be unreadable in this process
+        self.skip_log = []  # path of every skip since the consumer last drained it
 
     @staticmethod
     def _scan_folder(root):
@@ -436,18 +445,22 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     def _read_list(list_path):
         base = os.path.dirname(os.path.abspath(list_path))
         samples, labelled = [], False
-        with open(list_path, encoding="utf-8") as f:
-            for line in f:
-                line = line.strip()
-                if not line or line.startswith("#"):
-                    continue
-                parts = line.rsplit(maxsplit=1)
-                if len(parts) == 2 and parts[1].lstrip("-").isdigit():
-                    path, label, labelled = parts[0], int(parts[1]), True
-                else:
-                    path, label = line, 0  # a line without a label (paths may contain spaces)
-                path = os.path.expanduser(path)
-                samples.append((path if os.path.isabs(path) else os.path.join(base, path), label))
+        try:
+            with open(list_path, encoding="utf-8") as f:
+                lines = f.read().splitlines()
+        except UnicodeDecodeError:
+            raise UserError(f"{list_path} is not a text file list of image paths (one per line)") from None
+        for line in lines:
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            parts = line.rsplit(maxsplit=1)
+            if len(parts) == 2 and parts[1].lstrip("-").isdigit():
+                path, label, labelled = parts[0], int(parts[1]), True
+            else:
+                path, label = line, 0  # a line without a label (paths may contain spaces)
+            path = os.path.expanduser(path)
+            samples.append((path if os.path.isabs(path) else os.path.join(base, path), label))
         if labelled:
             classes = [str(k) for k in range(max(label for _, label in samples) + 1)]
         else:
@@ -471,24 +484,27 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             raise IndexError(f"index {index} out of range for {n} samples")
         for k in range(n):
             i = (index + k) % n
-            if i in self._bad:
-                continue
             path, label = self.samples[i]
+            if i in self._bad:
+                self.skip_log.append(path)
+                continue
             try:
                 img = load_image(path)
             except Exception as err:  # any decoder error (OSError, SyntaxError, ValueError, ...) = unusable file
                 self._skip(i, path, err)
                 continue
             return (self.transform(img) if self.transform is not None else img), label
-        raise ValueError(f"no readable image in {self.root}: all {n} files failed to load")
+        raise UserError(f"no readable image in {self.root}: all {n} files failed to load")
 
     def _skip(self, i, path, err):
         self._bad.add(i)
         self.n_skipped = len(self._bad)
-        if self.n_skipped == 1:
+        self.skip_log.append(path)
+        if self.n_skipped <= self.name_limit:
+            more = "; further failures are only counted in .n_skipped, see .summary()" \
+                if self.n_skipped == self.name_limit else ""
             warnings.warn(f"{type(self).__name__}({self.root}): skipping unreadable file {path} "
-                          f"({type(err).__name__}: {err}); further failures are only counted in .n_skipped, "
-                          f"see .summary()", stacklevel=3)
+                          f"({type(err).__name__}: {err}){more}", stacklevel=3)
 
     def summary(self) -> str:
         bad = sorted(self.samples[i][0] for i in self._bad)
@@ -679,46 +695,86 @@ class GlobalBatchSampler:
 
 
 class MultiCropDataset(torch.utils.data.Dataset):
-    """(dataset index, stream position) -> (position, (multi-crop views, label)); the augmentation of a position is
-    a function of (seed, position) alone."""
+    """(dataset index, stream position) -> (position, (multi-crop views, label), files skipped on the way); the
+    augmentation of a position is a function of (seed, position) alone."""
 
     def __init__(self, images, augment, seed):
         self.images, self.augment, self.seed = images, augment, seed
+        if hasattr(images, "skip_log"):  # an image folder: its skips are named once, by SkipReport in the main
+            images.name_limit = 0  # process, not by each DataLoader worker that meets them
 
     def __len__(self):
         return len(self.images)
 
     def __getitem__(self, item):
+        """-> (stream position, (views, label), [paths of the unreadable files skipped to get this image])"""
         index, pos = item
         image, label = self.images[index]
+        log = getattr(self.images, "skip_log", None)  # files this worker skipped to return an image
+        skipped = log[:] if log else []
+        if log:
+            log.clear()
         with seeded(stream_seed(self.seed, AUGMENT, pos)):
-            return pos, (self.augment(image), label)
+            return pos, (self.augment(image), label), skipped
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # `python data.py`: masking statistics and augmentation speed
 # ---------------------------------------------------------------------------------------------------------------
 
+class SkipReport:
+    """The unreadable files the training stream skipped, reported by the main process (the DataLoader workers that
+    meet them only log them, see MultiCropDataset): the first `name_limit` files named as they are met, then at the
+    end of each epoch the count of skips in it; `row()` is the metrics.jsonl key."""
+
+    def __init__(self, epoch_length, name_limit=5, prefix="", write=print):
+        self.epoch_length, self.name_limit, self.prefix, self.write = epoch_length, name_limit, prefix, write
+        self.files, self.in_epoch = set(), 0  # distinct unreadable files so far; skips in this epoch
+
+    def update(self, paths, step):
+        """`paths`: the files skipped to build the batch of iteration `step`."""
+        for path in paths:
+            self.in_epoch += 1
+            if path not in self.files:
+                self.files.add(path)
+                if len(self.files) <= self.name_limit:
+                    more = "; the next ones are only counted" if len(self.files) == self.name_limit else ""
+                    self.write(f"{self.prefix}skipping unreadable file {path}{more}")
+        if (step + 1) % self.epoch_length == 0 and self.in_epoch:
+            self.write(f"{self.prefix}epoch {(step + 1) // self.epoch_length}: {self.in_epoch} sample(s) skipped for "
+                       f"unreadable files ({len(self.files)} distinct unreadable files so far)")
+            self.in_epoch = 0
+
+    def row(self) -> dict:
+        return {"skipped_files": len(self.files)}
+
+
 @dataclass
 class DataCheckConfig:
-    batches: int = 200        # masking statistics: collated batches
-    batch_size: int = 64      # images per batch (2 x as many global crops)
-    grid: int = 16            # patch grid side of a global crop (224 / 14)
-    bench_images: int = 200   # augmentation benchmark: images pushed through the full pipeline
-    global_size: int = 224    # benchmark crop sizes and count (the laptop preset is 112 / 56 / 8)
-    local_size: int = 98
-    n_local: int = 8
-    blur: str = "paper"       # blur probabilities: "paper" or "released"
-    seed: int = 0
+    batches: int = arg(200, "masking statistics: collated batches")
+    batch_size: int = arg(64, "images per batch (2 x as many global crops)")
+    grid: int = arg(16, "patch grid side of a global crop (224 / 14)")
+    bench_images: int = arg(200, "augmentation benchmark: images pushed through the full pipeline")
+    global_size: int = arg(224, "benchmark global crop side (the laptop preset is 32)")
+    local_size: int = arg(98, "benchmark local crop side")
+    n_local: int = arg(8, "benchmark local crops per image")
+    blur: str = arg("paper", "blur probabilities: paper or released")
+    seed: int = arg(0, "seed of the masks and the augmentations")
+
+    def __post_init__(self):
+        for name in ("batches", "batch_size", "grid", "bench_images", "global_size", "local_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.n_local < 0:
+            raise ValueError(f"--n-local must be >= 0, got {self.n_local}")
+        if self.blur not in ("paper", "released"):
+            raise ValueError(f"--blur must be paper or released, got {self.blur!r}")
 
 
 def main(argv=None):
     from tqdm import tqdm
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for f in dataclasses.fields(DataCheckConfig):
-        parser.add_argument(f"--{f.name}", type=f.type, default=f.default)
-    cfg = DataCheckConfig(**vars(parser.parse_args(argv)))
+    cfg = cli.parse(DataCheckConfig, argv, __doc__.splitlines()[0])
     print(cfg)
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(1)  # one DataLoader worker = one thread
@@ -755,4 +811,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -19,22 +19,23 @@ Public names: DistillConfig, load_frozen_teacher, distill.
     python distill.py --teacher runs/train/teacher.pth --arch vit_tiny          # after `python train.py --arch vit_s`
     torchrun --nproc_per_node=8 distill.py --teacher vitg_run/teacher.pth --arch vit_l --data /path/to/images
 """
-import argparse
 import dataclasses
 import os
 from dataclasses import dataclass
 
-import torch
 
 import cli
 import train
+import vit
+from cli import arg
 from train import Config
 
 
 @dataclass
 class DistillConfig(Config):
-    teacher: str = "runs/train/teacher.pth"  # train.py's teacher.pth: backbone + heads + the config it was trained with
-    out: str = "runs/distill"
+    teacher: str = arg("runs/train/teacher.pth", "train.py's teacher.pth: backbone + heads + the config it was "
+                                                 "trained with")
+    out: str = arg("runs/distill", "run folder: checkpoints, metrics.jsonl, exports, plots")
 
 
 # The student copies these from the teacher unless a flag sets them: the heads must produce comparable outputs, and the
@@ -46,23 +47,26 @@ MUST_MATCH = ("patch_size", "n_prototypes", "ibot_n_prototypes", "separate_ibot_
 
 def read_teacher(path):
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"teacher checkpoint {path!r} not found: train one with `python train.py` (it writes "
-                                f"runs/train/teacher.pth), or see the README for a released backbone")
+        raise cli.MissingFile(f"teacher checkpoint {path!r} not found: train one with `python train.py` (it writes "
+                              f"runs/train/teacher.pth), or see the README for a released backbone")
     # mmap: the config is read twice (flags, then the teacher), and a vit_g teacher.pth is gigabytes
-    ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    ckpt = vit.read_checkpoint(path, mmap=True)  # corrupt, truncated or text: a UserError naming the file
     if not (isinstance(ckpt, dict) and "model" in ckpt and "config" in ckpt):
-        raise ValueError(f"{path} is not a train.py teacher.pth (expected keys 'model' and 'config'; a backbone-only "
-                         f"file such as the released weights needs heads first: train.py --init-from, see the README)")
+        raise cli.UserError(f"{path} is not a train.py teacher.pth (expected keys 'model' and 'config'; a "
+                            f"backbone-only file such as the released weights needs heads first: train.py "
+                            f"--init-from, see the README)")
     known = {f.name for f in dataclasses.fields(Config)}
-    return ckpt["model"], Config(**{k: v for k, v in ckpt["config"].items() if k in known})
+    try:
+        return ckpt["model"], Config(**{k: v for k, v in ckpt["config"].items() if k in known})
+    except (TypeError, ValueError) as e:
+        raise cli.UserError(f"{path}: the config saved with the teacher is not valid here ({e})") from None
 
 
 def parse_distill_config(argv=None):
     """train.py's flags plus --teacher; the student's heads, patch and crops default to the teacher's."""
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--teacher", default=DistillConfig.teacher)
-    known, _ = pre.parse_known_args(argv)
-    _, tcfg = read_teacher(known.teacher) if os.path.isfile(known.teacher) else (None, None)
+    given = vars(cli.build_parser(DistillConfig, __doc__).parse_args(argv))  # the flags alone, to find --teacher
+    teacher = given.get("teacher", DistillConfig.teacher)
+    _, tcfg = read_teacher(teacher) if os.path.isfile(teacher) else (None, None)
     inherited = {k: getattr(tcfg, k) for k in FROM_TEACHER} if tcfg else {}
     # 3. no masking, no stochastic depth
     presets = {arch: {**preset, **inherited, "drop_path": 0.0, "mask_probability": 0.0}
@@ -75,10 +79,14 @@ def load_frozen_teacher(cfg, strategy, device):
     state, tcfg = read_teacher(cfg.teacher)
     mismatch = {k: (getattr(tcfg, k), getattr(cfg, k)) for k in MUST_MATCH if getattr(tcfg, k) != getattr(cfg, k)}
     if mismatch:  # 4.
-        raise ValueError(f"student and teacher must share prototypes and patch size; differing (teacher, student): "
-                         f"{mismatch}")
+        raise cli.UserError(f"student and teacher must share prototypes and patch size; differing (teacher, "
+                            f"student): {mismatch}")
     teacher = train.build_ssl_model(tcfg, drop_path=0.0)
-    teacher.load_state_dict(state, strict=True)
+    try:
+        teacher.load_state_dict(state, strict=True)
+    except RuntimeError as e:  # a teacher.pth edited or written by other code
+        raise cli.UserError(f"{cfg.teacher}: the weights do not fit the model its config describes: "
+                            f"{str(e).splitlines()[0]}") from None
     teacher.requires_grad_(False)
     teacher = train.parallelize(teacher.to(device), cfg, strategy, device, trainable=False)
     return teacher.eval(), tcfg

@@ -10,6 +10,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from cli import UserError
+
 
 def is_dist() -> bool:
     """True inside a process group (torchrun after init())."""
@@ -39,9 +41,9 @@ def pick_device(name: str = "auto") -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     kind = torch.device(name).type
     if kind == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine (use --device cpu or auto)")
+        raise UserError(f"--device {name}: CUDA is not available on this machine (use --device cpu or auto)")
     if kind == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"--device {name}: Apple MPS is not available on this machine (use --device cpu or auto)")
+        raise UserError(f"--device {name}: Apple MPS is not available on this machine (use --device cpu or auto)")
     if kind == "cuda" and torch.device(name).index is None:
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device(name)

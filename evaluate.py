@@ -22,17 +22,12 @@ Commands:
 
 Shape alphabet: B batch, N tokens (patches), D width, Q queries, C classes, n blocks, max_k neighbours.
 """
-import argparse
 import copy
-import inspect
 import json
 import math
 import os
-import pickle
-import re
-import sys
-import typing
-from dataclasses import asdict, dataclass, fields
+import warnings
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -43,8 +38,10 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
+import cli
 import data
 import vit
+from cli import MissingFile, UserError, arg
 from knn import ShardedKNN, shard_range
 
 DEFAULT_WEIGHTS = Path("runs/train/teacher_backbone.pth")
@@ -80,23 +77,22 @@ def load_backbone(weights=None, arch: str = "vit_tiny", device=None, random_init
     device = device or pick_device()
     if random_init:
         if weights is not None:
-            raise ValueError("pass either --weights or --random, not both")
+            raise UserError("pass either --weights or --random, not both")
         torch.manual_seed(seed)  # every rank must build the same random network
         return _freeze(vit.build_model(arch, img_size=round_to_patch(img_size, 14)), device)  # patch 14: the default
     if weights is None:
         if not DEFAULT_WEIGHTS.is_file():
-            raise FileNotFoundError(
+            raise MissingFile(
                 f"no weights given and the default {DEFAULT_WEIGHTS} does not exist: run `python train.py` first, "
                 "pass --weights PATH (e.g. dinov2_vits14_pretrain.pth), or --random for a random network")
         weights = DEFAULT_WEIGHTS
     path = Path(weights)
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file not found: {path}")
-    try:
+    if not path.exists():
+        raise MissingFile(f"weights file not found: {path}")
+    try:  # a file or a Hugging Face folder; a training checkpoint folder is an error that says what to pass
         model = vit.from_pretrained(str(path))
-    except (KeyError, ValueError, RuntimeError, TypeError, AttributeError, EOFError, pickle.UnpicklingError) as e:
-        # Re-raised, not swallowed: the user learns which file failed and why, and nothing is loaded partially.
-        raise ValueError(f"could not load a ViT backbone from {path}: {type(e).__name__}: {e}") from e
+    except KeyError as e:  # a tensor the layout needs is missing
+        raise UserError(f"could not load a ViT backbone from {path}: no tensor {e}") from e
     return _freeze(model, device)
 
 
@@ -108,7 +104,11 @@ def training_config(weights) -> dict:
         for name in ("teacher.pth", "student.pth"):
             run_file = Path(weights).parent / name
             if run_file.is_file():
-                return dict(torch.load(run_file, map_location="cpu", weights_only=False, mmap=True).get("config", {}))
+                try:  # only a hint: a file beside the weights that does not read must not cost the evaluation
+                    config = vit.read_checkpoint(run_file, mmap=True).get("config", {})
+                    return dict(config) if isinstance(config, dict) else {}
+                except (UserError, AttributeError) as e:
+                    warnings.warn(f"ignoring {run_file} beside the weights ({e}); using the default sizes")
     return {}
 
 
@@ -521,48 +521,59 @@ def segmentation_iou(model: nn.Module, dataset, n_images: int = 200, size: int =
 
 @dataclass
 class EvalConfig:
-    weights: str | None = None  # backbone file (any layout vit.from_pretrained reads); None -> runs/train/...pth
-    arch: str = "vit_tiny"  # architecture of --random (a weights file carries its own)
-    random: bool = False  # evaluate a randomly initialised `arch` instead of weights
-    train: str | None = None  # image folder (class sub-folders) or file list; None -> the synthetic set
-    val: str | None = None  # same, for the evaluation split
-    size: int | None = None  # input side, rounded to the patch; None -> the run's crop size (teacher.pth), else 224
-    n_train: int = 2000  # synthetic train images (seed 0)
-    n_val: int = 500  # synthetic val images (seed 1)
-    n_classes: int = 8  # synthetic classes (the laptop preset of train.py)
-    batch_size: int = 64  # extraction batch per rank
-    num_workers: int = 0  # DataLoader workers for extraction (raise it for real image folders)
-    ks: tuple[int, ...] = (10, 20, 100, 200)  # k-NN neighbour counts
-    temperature: float = 0.07  # k-NN softmax temperature
-    linear_epochs: int = 10  # passes over the cached train features per classifier
-    linear_batch_size: int = 128  # linear-probe batch (also scales the learning rates: x batch/256)
-    holdout: float = 0.1  # fraction of train held out to choose the linear classifier
-    seg_images: int = 200  # val images for the segmentation IoU (needs foreground masks: synthetic set only)
-    baseline: bool | None = None  # also evaluate a random network of the same arch; None -> on for synthetic
-    json: str | None = None  # write every figure here
-    seed: int = 0  # random init, probe split and shuffling
+    weights: str | None = arg(None, "backbone file (any layout vit.from_pretrained reads); none: "
+                                    "runs/train/teacher_backbone.pth")
+    arch: str = arg("vit_tiny", "architecture of --random (a weights file carries its own)")
+    random: bool = arg(False, "evaluate a randomly initialised --arch instead of weights")
+    train: str | None = arg(None, "image folder (class sub-folders) or file list; none: the synthetic set")
+    val: str | None = arg(None, "same, for the evaluation split")
+    size: int | None = arg(None, "input side, rounded to the patch; none: the run's crop size (teacher.pth), else 224")
+    n_train: int = arg(2000, "synthetic train images (seed 0)")
+    n_val: int = arg(500, "synthetic val images (seed 1)")
+    n_classes: int = arg(8, "synthetic classes (the laptop preset of train.py)")
+    batch_size: int = arg(64, "extraction batch per rank")
+    num_workers: int = arg(0, "DataLoader workers for extraction (raise it for real image folders)")
+    ks: tuple[int, ...] = arg((10, 20, 100, 200), "k-NN neighbour counts")
+    temperature: float = arg(0.07, "k-NN softmax temperature")
+    linear_epochs: int = arg(10, "passes over the cached train features per classifier")
+    linear_batch_size: int = arg(128, "linear-probe batch (also scales the learning rates: x batch/256)")
+    holdout: float = arg(0.1, "fraction of train held out to choose the linear classifier")
+    seg_images: int = arg(200, "val images for the segmentation IoU (needs foreground masks: synthetic set only)")
+    baseline: bool | None = arg(None, "also evaluate a random network of the same arch; none: on for synthetic")
+    json: str | None = arg(None, "write every figure here")
+    seed: int = arg(0, "random init, probe split and shuffling")
+
+    def __post_init__(self):
+        self.ks = tuple(self.ks)
+        if (self.train is None) != (self.val is None):
+            raise ValueError("--train and --val go together")
+        if self.weights is not None and self.random:
+            raise ValueError("pass either --weights or --random, not both")
+        if self.arch not in vit.ARCHS:
+            raise ValueError(f"--arch {self.arch}: unknown; known: {', '.join(vit.ARCHS)}")
+        for name in ("n_train", "n_val", "n_classes", "batch_size", "linear_epochs", "linear_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for name in ("num_workers", "seg_images"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.size is not None and self.size < 1:
+            raise ValueError(f"--size must be >= 1, got {self.size}")
+        if not self.ks or min(self.ks) < 1:
+            raise ValueError(f"--ks must be neighbour counts >= 1, got {' '.join(map(str, self.ks))}")
+        if not self.temperature > 0:
+            raise ValueError(f"--temperature must be > 0, got {self.temperature}")
+        if not 0 < self.holdout < 1:
+            raise ValueError(f"--holdout must be a fraction between 0 and 1, got {self.holdout}")
 
 
 def parse_config(argv=None) -> EvalConfig:
-    """--field value for every EvalConfig field (its comment is the --help text); unknown flags are an error."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    comments = dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.+)$", inspect.getsource(EvalConfig), flags=re.M))
-    for f in fields(EvalConfig):
-        name, help_ = "--" + f.name.replace("_", "-"), comments.get(f.name, "")
-        optional = type(None) in typing.get_args(f.type)  # `X | None`
-        kind = next((t for t in typing.get_args(f.type) if t is not type(None)), f.type) if optional else f.type
-        if kind is bool:  # --baseline / --no-baseline when the default is "decide from the data"
-            parser.add_argument(name, action=argparse.BooleanOptionalAction if optional else "store_true",
-                                default=f.default, help=help_)
-        elif typing.get_origin(kind) is tuple:
-            parser.add_argument(name, type=int, nargs="+", default=list(f.default), help=help_)
-        else:
-            parser.add_argument(name, type=kind, default=f.default, help=help_)
-    args = parser.parse_args(argv)
-    cfg = EvalConfig(**{**vars(args), "ks": tuple(args.ks)})
-    if (cfg.train is None) != (cfg.val is None):
-        parser.error("--train and --val go together")
+    """--field value for every EvalConfig field (cli.parse); unknown flags and bad values are usage errors."""
+    cfg = cli.parse(EvalConfig, argv, __doc__)
+    for name in ("weights", "train", "val"):
+        path = getattr(cfg, name)
+        if path is not None and not os.path.exists(path):
+            raise MissingFile(f"--{name} {path}: no such file or folder")
     return cfg
 
 
@@ -627,10 +638,7 @@ def main(argv=None) -> dict | None:
     baseline = cfg.baseline if cfg.baseline is not None else (synthetic and not cfg.random)
     _print0(f"config: {asdict(cfg)}\nderived: device={device} size={size} baseline={baseline}")
 
-    try:
-        model = load_backbone(cfg.weights, cfg.arch, device, random_init=cfg.random, img_size=size, seed=cfg.seed)
-    except (FileNotFoundError, ValueError) as e:  # bad input: one clear line instead of a traceback
-        sys.exit(f"error: {e}")
+    model = load_backbone(cfg.weights, cfg.arch, device, random_init=cfg.random, img_size=size, seed=cfg.seed)
     size = round_to_patch(size, model.patch_size)
     if synthetic:
         transform = EvalTransform(size, crop=False, patch=model.patch_size)  # synthetic images are square already
@@ -643,8 +651,8 @@ def main(argv=None) -> dict | None:
         train_set = data.ImageFolderDataset(cfg.train, transform=transform)
         val_set = data.ImageFolderDataset(cfg.val, transform=transform)
         if list(train_set.classes) != list(val_set.classes):
-            raise ValueError(f"--train and --val have different classes: {len(train_set.classes)} in {cfg.train}, "
-                             f"{len(val_set.classes)} in {cfg.val}; labels would not match")
+            raise UserError(f"--train and --val have different classes: {len(train_set.classes)} in {cfg.train}, "
+                            f"{len(val_set.classes)} in {cfg.val}; labels would not match")
         n_classes = max(1, len(train_set.classes))
     seg_set = val_set if hasattr(val_set, "sample") else None  # only data with foreground masks
 
@@ -684,4 +692,4 @@ def main(argv=None) -> dict | None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -47,7 +47,7 @@ import distributed
 import vit
 from cli import arg
 from data import (DROP_PATH, GlobalBatchSampler, ImageFolderDataset, MaskingGenerator, MultiCropAugmentation,
-                  MultiCropCollate, MultiCropDataset, SyntheticDataset, stream_seed)
+                  MultiCropCollate, MultiCropDataset, SkipReport, SyntheticDataset, stream_seed)
 from distributed import barrier, is_dist, print0
 from losses import (CollapseAlarm, DINOHead, SoftmaxCentering, dino_loss, ibot_loss, koleo_loss, sinkhorn_knopp,
                     teacher_diagnostics)
@@ -130,6 +130,64 @@ class Config:
     monitor_images: int = arg(500, "images in the monitor's bank, and as many held-out queries")
     resume: bool = arg(True, "resume from the latest checkpoint in --out")
 
+    def __post_init__(self):
+        """Every value checked before anything is built: a ValueError naming the flag (a usage error in cli.parse).
+        Presets, tests and dataclasses.replace go through here too."""
+        check_config(self)
+
+
+def _flag(name):
+    return "--" + name.replace("_", "-")
+
+
+def check_config(cfg):
+    """Ranges and choices of every Config field (the paths are checked by check_paths, after the flags are final)."""
+    def need(ok, name, what):
+        if not ok:
+            raise ValueError(f"{_flag(name)} {what}, got {getattr(cfg, name)!r}")
+
+    choices = dict(ffn=("auto", "mlp", "swiglu"), centering=("softmax", "sinkhorn_knopp"), blur=("paper", "released"),
+                   strategy=("auto", "none", "ddp", "fsdp"))
+    for name, known in choices.items():
+        need(getattr(cfg, name) in known, name, f"must be one of {', '.join(known)}")
+    need(cfg.arch in vit.ARCHS, "arch", f"must be one of {', '.join(sorted(vit.ARCHS))}")
+    need(cfg.device.split(":")[0] in ("auto", "cpu", "cuda", "mps"), "device", "must be auto, cpu, cuda[:N] or mps")
+    for name in ("patch_size", "n_prototypes", "head_hidden_dim", "head_bottleneck_dim", "ibot_n_prototypes",
+                 "ibot_bottleneck_dim", "synthetic_images", "synthetic_size", "batch_size", "epoch_length",
+                 "save_every", "keep_last", "log_every"):
+        need(getattr(cfg, name) >= 1, name, "must be >= 1")
+    for name in ("depth", "num_registers", "n_local", "monitor_every", "monitor_images", "dino_weight", "ibot_weight",
+                 "koleo_weight", "warmup_teacher_temp_epochs", "layerscale", "min_lr", "warmup_epochs", "weight_decay",
+                 "weight_decay_end", "freeze_last_layer_epochs", "patch_embed_lr_mult", "heads_warmup_epochs"):
+        need(getattr(cfg, name) >= 0, name, "must be >= 0")
+    for name in ("student_temp", "teacher_temp", "warmup_teacher_temp", "epochs", "base_lr", "clip_grad",
+                 "layer_decay"):
+        need(getattr(cfg, name) > 0, name, "must be > 0")
+    for name in ("drop_path", "p_grayscale", "mask_probability", "momentum_teacher", "layer_decay"):
+        need(0 <= getattr(cfg, name) <= 1, name, "must be between 0 and 1")
+    need(0 <= cfg.hue_jitter <= 0.5, "hue_jitter", "must be between 0 and 0.5 (a hue shift of +-0.5 is any hue)")
+    need(cfg.num_workers >= -1, "num_workers", "must be >= 0, or -1 for auto")
+    for name in ("global_scale", "local_scale"):
+        lo, hi = getattr(cfg, name)
+        need(0 < lo <= hi <= 1, name, "must be two area fractions 0 < low <= high <= 1")
+    lo, hi = cfg.mask_ratio
+    need(0 <= lo <= hi <= 1, "mask_ratio", "must be two fractions 0 <= low <= high <= 1")
+    for name in ("global_size", "local_size"):  # the patch embedding takes whole patches only
+        if name == "global_size" or cfg.n_local > 0:
+            size = getattr(cfg, name)
+            need(size >= cfg.patch_size and size % cfg.patch_size == 0, name,
+                 f"must be a multiple of the patch size (--patch-size {cfg.patch_size})")
+    need(int(cfg.epochs * cfg.epoch_length) >= 1, "epochs", f"x --epoch-length {cfg.epoch_length} must give at least "
+         "one iteration")
+
+
+def check_paths(cfg):
+    """The paths the flags name exist (a UserError naming the flag); run once the flags and presets are final."""
+    for name in ("data", "init_from", "monitor_data", "teacher"):
+        path = getattr(cfg, name, "")
+        if path and not os.path.exists(path):
+            raise cli.MissingFile(f"{_flag(name)} {path}: no such file or folder")
+
 
 # Each preset is what the paper trained at that size; flags override single fields.
 LARGE_RECIPE = dict(  # vitl14.yaml / vitg14.yaml: the recipe of the released models
@@ -171,7 +229,9 @@ def canonical_arch(name):
 
 def parse_config(cls=Config, presets=PRESETS, argv=None, description=__doc__):
     """--field value for every field of `cls` (cli.parse); the --arch preset fills what the flags leave unset."""
-    return cli.parse(cls, argv, description, presets, "arch", canonical_arch)
+    cfg = cli.parse(cls, argv, description, presets, "arch", canonical_arch)
+    check_paths(cfg)
+    return cfg
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -572,11 +632,8 @@ def fit(run):
         out.mkdir(parents=True, exist_ok=True)
     barrier()
     ckpt = Checkpointer(out, cfg.keep_last, run.rank)
-    start = 0
-    latest = ckpt.latest() if cfg.resume else None
-    if latest is not None:
-        start = ckpt.load(latest, run.student, run.ema, run.optimizer, run.centers, cfg)
-        print0(f"resumed from {latest} at step {start}")
+    ckpt.claim(cfg.resume)  # --no-resume never writes into another run's folder
+    start = ckpt.resume(run.student, run.ema, run.optimizer, run.centers, cfg) if cfg.resume else 0
     loader, n_images = build_data(cfg, run.rank, run.world, start, run.device)
     log = Logger(run, start, n_images, ckpt)
     data = iter(loader)
@@ -585,17 +642,21 @@ def fit(run):
     try:
         for step in range(start, run.total):
             batch = to_device(next(data), run.device)
+            log.skips.update(batch.pop("skipped", ()), step)  # unreadable files: named, counted per epoch
             torch.manual_seed(stream_seed(cfg.seed, DROP_PATH, step, run.rank))  # drop path: (step, rank)
             losses, t_cls, norms = train_step(run, batch, step)
             stopping = log.step(step, losses, t_cls, norms)  # on log steps only: one host sync, a stop agreed
             if (step + 1) % cfg.save_every == 0 or step + 1 == run.total or stopping:
-                path = ckpt.save(step + 1, run.student, run.ema, run.optimizer, run.centers, cfg)
-                ckpt.export(run.ema, cfg, run.export)
+                # nothing non-finite is saved: the parameters and the loss flags are checked first, on every rank
+                path = ckpt.save(step + 1, run.student, run.ema, run.optimizer, run.centers, cfg, log.first_bad, TERMS)
+                ckpt.export(run.ema, cfg, run.export, step + 1)
                 if stopping:
                     print0(f"\nstopped at step {step + 1}: saved {path}; run the same command to resume")
                     break
     finally:
         log.close()
+    if start == run.total:  # a finished run run again: its exports rebuilt from the last checkpoint (a kill may
+        ckpt.export(run.ema, cfg, run.export, run.total)  # have come between that save and its export)
     if run.rank == 0:
         plot_run(out)
         print(f"done: {out / (run.export + '_backbone.pth')} (hub layout), metrics in {out / 'metrics.jsonl'}")
@@ -623,12 +684,11 @@ class Logger:
         self.running = torch.zeros(len(TERMS) + 1, device=run.device)  # summed terms + step count (no sync)
         self.first_bad = torch.full((len(TERMS),), -1, dtype=torch.long, device=run.device)  # per term
         self.stop = StopRequest()
+        self.skips = SkipReport(cfg.epoch_length, prefix=f"rank {run.rank}: " if run.world > 1 else "",
+                                write=tqdm.write)
         if run.rank == 0:
             self.describe(n_images)
-            metrics = self.out / "metrics.jsonl"
-            if metrics.exists():  # keep the history up to the resumed step
-                rows = [r for r in metrics.read_text().splitlines() if r and json.loads(r)["step"] <= start]
-                metrics.write_text("".join(r + "\n" for r in rows))
+            trim_metrics(self.out / "metrics.jsonl", start)  # keep the history up to the resumed step
         self.bar = tqdm(total=run.total, initial=start, disable=run.rank != 0, dynamic_ncols=True, desc=run.export)
         self.t_last = time.perf_counter()
 
@@ -662,9 +722,8 @@ class Logger:
         stats, bad = stats.tolist(), self.first_bad.tolist()  # the one host sync per log step
         if max(bad) >= 0:
             bad_step, name = min((b, t) for b, t in zip(bad, TERMS) if b >= 0)
-            raise FloatingPointError(
-                f"non-finite loss: term '{name}' at step {bad_step}; nothing was saved after it, the last good "
-                f"checkpoint is {self.ckpt.latest()} (running the same command resumes from it)")
+            raise NonFiniteError(f"non-finite loss: term '{name}' at step {bad_step}; nothing was saved after it. "
+                                 f"{self.ckpt.last_good()}")
         now = time.perf_counter()
         n_steps = stats[len(TERMS)] / run.world
         means = {k: stats[i] / stats[len(TERMS)] for i, k in enumerate(TERMS)}
@@ -675,7 +734,7 @@ class Logger:
                    wd=float(run.sched["wd"][step]), momentum=float(run.sched["momentum"][step]),
                    teacher_temp=teacher_temp, **dict(zip(norms, norm_vals)), teacher_entropy=entropy,
                    prototypes_used=int(used), teacher_view_corr=rho,
-                   images_per_s=n_steps * cfg.batch_size * run.world / (now - self.t_last))
+                   images_per_s=n_steps * cfg.batch_size * run.world / (now - self.t_last), **self.skips.row())
         if run.device.type == "cuda":
             row["peak_mem_gb"] = torch.cuda.max_memory_allocated(run.device) / 2**30
             if self.peak:
@@ -707,21 +766,94 @@ class Logger:
 # Checkpoints: one format for every strategy (torch.distributed.checkpoint: each rank writes its shards), written to
 # a temporary folder then renamed, so a crash mid-save leaves the previous checkpoint intact.
 
+class NonFiniteError(cli.UserError, FloatingPointError):
+    """The run diverged (a loss or a weight is NaN / inf): one `error:` line that names the step and the last good
+    checkpoint. A FloatingPointError for callers that catch that."""
+
+
 class Checkpointer:
+    """Saves that never lie: nothing non-finite is written, a checkpoint is complete or absent (written to .tmp, then
+    renamed), resume takes the newest one that loads, and --no-resume never writes into another run's folder."""
+
     def __init__(self, out, keep_last, rank):
         self.out, self.keep_last, self.rank = Path(out), keep_last, rank
 
+    def _folders(self):
+        return sorted(p for p in self.out.glob("ckpt_*") if p.is_dir() and not p.name.endswith(".tmp"))
+
     def latest(self):
-        done = sorted(p for p in self.out.glob("ckpt_*") if p.is_dir() and not p.name.endswith(".tmp"))
+        """The newest complete checkpoint (DCP metadata and extra.pt both written), or None."""
+        done = [p for p in self._folders() if (p / ".metadata").is_file() and (p / "extra.pt").is_file()]
         return done[-1] if done else None
 
-    def _state(self, student, ema, optimizer):
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
-        s_model, s_optim = get_state_dict(student, optimizer)
-        return {"student": s_model, "optimizer": s_optim, "ema": get_model_state_dict(ema)}
+    def claim(self, resume):
+        """A fresh run (--no-resume) refuses a folder that already holds a run: its checkpoints, metrics and exports
+        would be mixed with the new run's."""
+        if resume or not self.out.is_dir():
+            return
+        found = [p.name for p in self._folders()] + [p.name for p in sorted(self.out.glob("*.pth"))] + [
+            p.name for p in (self.out / "metrics.jsonl",) if p.is_file()]
+        if found:
+            raise cli.UserError(
+                f"--out {self.out} already holds a run ({', '.join(found[:4])}{', ...' if len(found) > 4 else ''}); "
+                f"--no-resume would mix two runs in one folder: pick another --out, or delete {self.out} first "
+                f"(without --no-resume the run there continues)")
 
-    def save(self, step, student, ema, optimizer, centers, cfg):
+    def resume(self, student, ema, optimizer, centers, cfg):
+        """Load the newest checkpoint that loads, falling back past unreadable ones with a warning; the step to
+        start from (0 without any checkpoint). A checkpoint of another model is an error, not a fallback."""
+        from torch.distributed.checkpoint import CheckpointException  # a BaseException: named apart
+        failed = []
+        for path in reversed(self._folders()):
+            try:
+                step = self.load(path, student, ema, optimizer, centers, cfg)
+            except cli.UserError:
+                raise
+            except (Exception, CheckpointException) as e:  # truncated shard, no extra.pt, torn metadata: go back one
+                why = (str(e).strip().splitlines() or [""])[0][:200]
+                failed.append(path.name)
+                print0(f"warning: checkpoint {path} is incomplete or unreadable ({type(e).__name__}: {why}); "
+                       f"trying the one before it")
+                continue
+            past = f", past the unreadable {', '.join(failed)} (left in place; the next save replaces it)" \
+                if failed else ""
+            print0(f"resumed from {path} at step {step}{past}")
+            return step
+        if failed:
+            raise cli.UserError(f"no checkpoint in {self.out} can be loaded ({', '.join(failed)}); delete them to "
+                                f"start over there, or pick another --out")
+        return 0
+
+    def check_finite(self, step, modules, first_bad=None, terms=()):
+        """Raise NonFiniteError unless every parameter and buffer of `modules` is finite and no loss term was
+        non-finite (first_bad: the first non-finite step per term, -1 if none). The verdict is reduced over ranks,
+        so every rank raises together, before anything is written."""
+        tensors = [local_tensor(t) for m in modules for t in (*m.parameters(), *m.buffers()) if t.is_floating_point()]
+        device = tensors[0].device
+        ok = torch.stack([torch.isfinite(t).all() for t in tensors]).all()  # one value, on the device
+        status = torch.cat([(~ok).long().view(1), (first_bad if first_bad is not None else
+                                                  torch.full((0,), -1, dtype=torch.long, device=device)).long()])
+        if is_dist():
+            dist.all_reduce(status, op=dist.ReduceOp.MAX)
+        status = status.tolist()
+        bad = [(b, t) for b, t in zip(status[1:], terms) if b >= 0]
+        if not bad and not status[0]:
+            return
+        what = f"non-finite loss: term '{min(bad)[1]}' at step {min(bad)[0]}" if bad else \
+            f"non-finite weights after step {step}"
+        raise NonFiniteError(f"{what}; nothing was saved after it. {self.last_good()}")
+
+    def last_good(self):
+        """Where a run that stopped on a non-finite value can start again."""
+        latest = self.latest()
+        advice = "a lower --base-lr or --clip-grad, or another --seed, may avoid the divergence"
+        if latest is None:
+            return f"No checkpoint was saved before it (check --init-from and the data; {advice})"
+        return f"The last good checkpoint is {latest}: the same command resumes from it ({advice})"
+
+    def save(self, step, student, ema, optimizer, centers, cfg, first_bad=None, terms=()):
         import torch.distributed.checkpoint as dcp
+        self.check_finite(step, [student, ema, *centers.values()], first_bad, terms)  # a bad state is never saved
         final = self.out / f"ckpt_{step:08d}"
         tmp = self.out / f"ckpt_{step:08d}.tmp"
         if self.rank == 0:
@@ -735,26 +867,32 @@ class Checkpointer:
                         "config": dataclasses.asdict(cfg)}, tmp / "extra.pt")
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
-            for old in sorted(p for p in self.out.glob("ckpt_*") if p.is_dir() and not p.name.endswith(".tmp"))[
-                        :-self.keep_last]:
+            # only complete checkpoints count, and only finite ones were ever saved: pruning keeps good ones
+            done = [p for p in self._folders() if (p / "extra.pt").is_file()]
+            for old in done[:-self.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
         barrier()
         return final
+
+    def _state(self, student, ema, optimizer):
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+        s_model, s_optim = get_state_dict(student, optimizer)
+        return {"student": s_model, "optimizer": s_optim, "ema": get_model_state_dict(ema)}
 
     def load(self, path, student, ema, optimizer, centers, cfg):
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
         extra_path = Path(path) / "extra.pt"
         if not extra_path.exists():
-            raise RuntimeError(f"{path} is not a complete checkpoint (no extra.pt); delete it or use another --out")
-        extra = torch.load(extra_path, map_location="cpu", weights_only=False)
+            raise RuntimeError(f"{path} is not a complete checkpoint (no extra.pt)")
+        extra = torch.load(extra_path, map_location="cpu", weights_only=True)  # step, centres, config: plain data
         saved = extra["config"]
         shape_fields = ("arch", "patch_size", "num_registers", "ffn", "n_prototypes", "head_hidden_dim",
                         "head_bottleneck_dim", "separate_ibot_head", "ibot_n_prototypes", "ibot_bottleneck_dim")
         diff = {k: (saved.get(k), getattr(cfg, k)) for k in shape_fields if saved.get(k) != getattr(cfg, k)}
         if diff:
-            raise ValueError(f"checkpoint {path} was trained with a different model: {diff} (saved, now); "
-                             f"use the saved flags or another --out")
+            raise cli.UserError(f"checkpoint {path} was trained with a different model: {diff} (saved, now); "
+                                f"use the saved flags or another --out")
         state = self._state(student, ema, optimizer)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
@@ -765,16 +903,45 @@ class Checkpointer:
             c.load_state_dict(extra["centers"][k])
         return extra["step"]
 
-    def export(self, model, cfg, name="teacher"):
+    def export(self, model, cfg, name="teacher", step=None):
         """<name>.pth (backbone + heads + config, what distill.py reads) and <name>_backbone.pth (the released hub
-        layout, what vit.from_pretrained, evaluate.py and the released code read)."""
+        layout, what vit.from_pretrained, evaluate.py and the released code read). Never a non-finite model."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        self.check_finite(step, [model])
         full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if self.rank == 0:
             backbone = {k[len("backbone."):]: v for k, v in full.items() if k.startswith("backbone.")}
             atomic_save(backbone, self.out / f"{name}_backbone.pth")
             atomic_save({"model": full, "config": dataclasses.asdict(cfg)}, self.out / f"{name}.pth")
         barrier()
+
+
+def trim_metrics(path, step):
+    """Keep metrics.jsonl's rows up to `step` (the resumed one); a torn line (a kill mid-write) is dropped, with a
+    warning, instead of stopping the run."""
+    path = Path(path)
+    if not path.exists():
+        return
+    rows, torn = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError:
+            row = None
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            if row["step"] <= step:
+                rows.append(line)
+        elif line.strip():
+            torn += 1
+    if torn:
+        print(f"warning: {path}: dropped {torn} unreadable line(s) (a run killed while writing?)")
+    atomic_write_text(path, "".join(r + "\n" for r in rows))
+
+
+def atomic_write_text(path, text):
+    tmp = Path(str(path) + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def atomic_save(obj, path):
@@ -810,14 +977,17 @@ class StopRequest:
 
     def __init__(self):
         self.requested = False
+        self.pid = os.getpid()
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
+        if os.getpid() != self.pid:  # a DataLoader worker (forked with this handler): the main process decides
+            return
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        print("\nstop requested: saving a checkpoint after this step (Ctrl-C again to quit now)", flush=True)
+        print0("\nstop requested: saving a checkpoint after this step (Ctrl-C again to quit now)")
 
 
 def to_device(batch, device):

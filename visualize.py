@@ -21,11 +21,10 @@ Commands:
 
 Shape alphabet: N patches, D width, H heads, h x w patch grid.
 """
-import argparse
 import json
 import math
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import matplotlib
@@ -36,7 +35,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+import cli  # noqa: E402
 import data  # noqa: E402
+from cli import UserError, arg  # noqa: E402
 from evaluate import (border_mask, first_principal_component, load_backbone, pick_device,  # noqa: E402
                       round_to_patch, to_tensor)
 
@@ -173,7 +174,7 @@ def plot_schedules(out: str, arch: str = "vit_tiny") -> Path:
         make_schedules = train.make_schedules
         config = train.parse_config(argv=["--arch", arch]) if hasattr(train, "parse_config") else train.Config()
     except (ImportError, AttributeError) as e:
-        raise SystemExit(f"--schedules needs train.py with Config and make_schedules(cfg): {e}")
+        raise UserError(f"--schedules needs train.py with Config and make_schedules(cfg): {e}") from None
     print(f"schedules of train.py's {getattr(config, 'arch', '')} config")
     schedules = {k: np.asarray(v, dtype=float) for k, v in make_schedules(config).items()}
     schedules = {k: v for k, v in schedules.items() if v.ndim == 1 and len(v)}
@@ -215,7 +216,7 @@ def plot_curves(run_dir: str, out: str) -> Path:
     path = Path(run_dir)
     path = path / "metrics.jsonl" if path.is_dir() else path
     if not path.is_file():
-        raise SystemExit(f"--curves: no metrics file at {path} (run `python train.py` first)")
+        raise cli.MissingFile(f"--curves: no metrics file at {path} (run `python train.py` first)")
     rows = read_metrics(path)
     keys = list(dict.fromkeys(k for r in rows for k, v in r.items()  # first-seen order, loss terms first, lr last
                               if _is_curve(k) and isinstance(v, (int, float)) and not isinstance(v, bool)))
@@ -223,7 +224,7 @@ def plot_curves(run_dir: str, out: str) -> Path:
     if any("knn_top1" in r for r in rows):
         keys.insert(0, "knn_top1")  # the online k-NN monitor first: it is what says the run learns
     if not keys:
-        raise SystemExit(f"--curves: no loss terms or lr in {path}")
+        raise UserError(f"--curves: no loss terms or lr in {path}")
     n_cols = min(3, len(keys))
     n_rows = math.ceil(len(keys) / n_cols)
     fig, axes = plt.subplots(n_rows, n_cols, figsize=(3.6 * n_cols, 2.6 * n_rows), squeeze=False)
@@ -252,32 +253,31 @@ def plot_curves(run_dir: str, out: str) -> Path:
 
 @dataclass
 class VizConfig:
-    images: list = field(default_factory=list)  # image files or folders; none -> a few synthetic images
-    weights: str | None = None  # backbone file; None -> runs/train/teacher_backbone.pth
-    arch: str = "vit_tiny"  # architecture of --random, and whose train.py preset --schedules plots
-    random: bool = False  # a randomly initialised `arch` instead of weights (what structure is there for free)
-    size: int | None = None  # shorter side in pixels, rounded to the patch; None -> 112 synthetic, 224 images
-    attention: bool = False  # add the last block's cls attention of each head
-    n_synthetic: int = 4  # synthetic images when none are given
-    out: str = "viz.png"  # the PNG to write
-    schedules: bool = False  # plot train.py's schedules instead
-    curves: str | None = None  # plot the curves of this run folder (or metrics.jsonl) instead
+    images: list[str] = arg([], "image files or folders; none: a few synthetic images")
+    weights: str | None = arg(None, "backbone file; none: runs/train/teacher_backbone.pth")
+    arch: str = arg("vit_tiny", "architecture of --random, and whose train.py preset --schedules plots")
+    random: bool = arg(False, "a randomly initialised --arch instead of weights (what structure is there for free)")
+    size: int | None = arg(None, "shorter side in pixels, rounded to the patch; none: 112 synthetic, 224 images")
+    attention: bool = arg(False, "add the last block's cls attention of each head")
+    n_synthetic: int = arg(4, "synthetic images when none are given")
+    out: str = arg("viz.png", "the PNG to write")
+    schedules: bool = arg(False, "plot train.py's schedules instead")
+    curves: str | None = arg(None, "plot the curves of this run folder (or metrics.jsonl) instead")
+
+    def __post_init__(self):
+        if self.schedules and self.curves:
+            raise ValueError("--schedules and --curves: pick one")
+        if self.weights is not None and self.random:
+            raise ValueError("pass either --weights or --random, not both")
+        if self.size is not None and self.size < 1:
+            raise ValueError(f"--size must be >= 1, got {self.size}")
+        if self.n_synthetic < 1:
+            raise ValueError(f"--n-synthetic must be >= 1, got {self.n_synthetic}")
 
 
 def parse_config(argv=None) -> VizConfig:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("images", nargs="*", help="image files or folders (default: synthetic images)")
-    p.add_argument("--weights", default=None, help="backbone file (default: runs/train/teacher_backbone.pth)")
-    p.add_argument("--arch", default="vit_tiny", help="architecture of --random and of --schedules")
-    p.add_argument("--random", action="store_true", help="a randomly initialised network instead of weights")
-    p.add_argument("--size", type=int, default=None, help="shorter side in pixels (default: 112 synthetic, 224)")
-    p.add_argument("--attention", action="store_true", help="add the cls attention map of each head")
-    p.add_argument("--n-synthetic", type=int, default=4, help="synthetic images when none are given")
-    p.add_argument("--out", default="viz.png", help="output PNG")
-    mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--schedules", action="store_true", help="plot the schedules of train.py's Config")
-    mode.add_argument("--curves", metavar="RUN_DIR", default=None, help="plot the loss terms of RUN_DIR/metrics.jsonl")
-    return VizConfig(**vars(p.parse_args(argv)))  # unknown flags are an error
+    """Image paths, then --field value for every other VizConfig field (cli.parse); unknown flags are an error."""
+    return cli.parse(VizConfig, argv, __doc__, positional=("images",))
 
 
 def main(argv=None) -> Path:
@@ -295,13 +295,10 @@ def main(argv=None) -> Path:
         else:
             images = collect_images(cfg.images)
             if not images:
-                raise SystemExit("no readable image among the inputs")
+                raise UserError(f"no readable image among the inputs ({' '.join(cfg.images)})")
         size = cfg.size or (112 if synthetic else 224)
         device = pick_device()
-        try:
-            model = load_backbone(cfg.weights, cfg.arch, device, random_init=cfg.random, img_size=size)
-        except (FileNotFoundError, ValueError) as e:
-            raise SystemExit(f"error: {e}")
+        model = load_backbone(cfg.weights, cfg.arch, device, random_init=cfg.random, img_size=size)
         print(f"derived: device={device} size={round_to_patch(size, model.patch_size)} images={len(images)} "
               f"registers={model.num_register_tokens}")
         out = plot_features(model, images, size, cfg.out, cfg.attention, device)
@@ -310,4 +307,4 @@ def main(argv=None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -25,10 +25,10 @@ Commands (parameter count and forward FLOPs of one image; a checkpoint written i
 
 Shapes: B batch, N tokens, D width, H heads, Dh head dim, R registers.
 """
-import argparse
 import json
 import math
 import os
+import pickle
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -38,6 +38,9 @@ import torch
 import torch.utils.checkpoint
 import torch.nn as nn
 import torch.nn.functional as F
+
+import cli
+from cli import MissingFile, UserError, arg
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -403,7 +406,7 @@ ARCH_BY_WIDTH = {192: "vit_tiny", 384: "vit_small", 768: "vit_base", 1024: "vit_
 
 def build_model(arch, **kwargs):
     if arch not in ARCHS:
-        raise ValueError(f"unknown arch {arch!r}; known: {', '.join(ARCHS)}")
+        raise UserError(f"unknown arch {arch!r}; known: {', '.join(ARCHS)}")
     return ARCHS[arch](**kwargs)
 
 
@@ -427,19 +430,23 @@ def _read_hf_folder(folder):
     sharded or not) -> its state dict. config.json must describe a DINOv2 with 64-dim heads (every arch here)."""
     config_path = folder / "config.json"
     if not config_path.is_file():
-        raise ValueError(f"{folder} is a folder without config.json, so not a Hugging Face model folder")
-    config = json.loads(config_path.read_text())
+        raise UserError(f"{folder} is a folder without config.json, so not a Hugging Face model folder")
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{config_path} is not valid JSON ({e})") from None
+    config = config if isinstance(config, dict) else {}
     if config.get("model_type") not in ("dinov2", "dinov2_with_registers"):
-        raise ValueError(f"{config_path}: model_type {config.get('model_type')!r} is not a DINOv2 model "
-                         "('dinov2' or 'dinov2_with_registers')")
+        raise UserError(f"{config_path}: model_type {config.get('model_type')!r} is not a DINOv2 model "
+                        "('dinov2' or 'dinov2_with_registers')")
     D, H = config.get("hidden_size"), config.get("num_attention_heads")
     if not D or not H or H * 64 != D:
-        raise ValueError(f"{config_path}: {H} attention heads for width {D}; the archs here have heads of 64 dims")
+        raise UserError(f"{config_path}: {H} attention heads for width {D}; the archs here have heads of 64 dims")
     present = [name for name in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                                  "pytorch_model.bin.index.json") if (folder / name).is_file()]
     if not present:
-        raise ValueError(f"{folder}: config.json but no weights (model.safetensors, pytorch_model.bin or a sharded "
-                         f".index.json); the folder holds: {_list_keys(p.name for p in folder.iterdir())}")
+        raise UserError(f"{folder}: config.json but no weights (model.safetensors, pytorch_model.bin or a sharded "
+                        f".index.json); the folder holds: {_list_keys(p.name for p in folder.iterdir())}")
     try:
         _safetensors("")
     except ImportError:  # without the package, a folder that also has the torch files (hub repos often do) uses them
@@ -453,21 +460,52 @@ def _read_hf_folder(folder):
     return read_checkpoint(path)
 
 
-def read_checkpoint(path):
+def _what_is_wrong(path, err) -> str:
+    """Why torch.load could not read `path`, in words a user can act on (never torch's advice to unpickle code)."""
+    size = path.stat().st_size
+    if size == 0:
+        return "the file is empty (an interrupted download or copy?)"
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if head.startswith(b"PK\x03\x04"):  # torch.save's zip container
+        if isinstance(err, pickle.UnpicklingError):  # the weights_only unpickler refused an object
+            return ("it holds pickled Python objects besides tensors (a whole model or optimizer object?), which are "
+                    "never unpickled here because unpickling runs code; save its state_dict() instead")
+        return f"the file is corrupt or truncated ({size:,} bytes; an interrupted download, copy or save?)"
+    if head[:1] == b"\x80":  # a pickle protocol byte: torch.save's legacy format or a plain pickle
+        return f"the file is a corrupt, truncated or non-tensor pickle ({type(err).__name__})"
+    try:
+        head.decode("utf-8")
+        return "it is a text file, not a checkpoint"
+    except UnicodeDecodeError:
+        return "it is not a PyTorch checkpoint (.pth/.pt/.bin), a .safetensors file or a Hugging Face folder"
+
+
+def read_checkpoint(path, mmap=False):
     """What a path holds, on the CPU: a Hugging Face folder's state dict, a .safetensors file's (through the
-    safetensors package), or whatever torch.load reads with weights_only=True (.pth, .pt, .bin)."""
+    safetensors package), or whatever torch.load reads with weights_only=True (.pth, .pt, .bin). A path that is
+    missing, a training checkpoint folder, or a file that is empty, text, truncated or corrupt is a UserError that
+    names the file and what is wrong with it. mmap: map the tensors instead of reading them (big files)."""
     path = Path(path)
+    if not path.exists():
+        raise MissingFile(f"{path}: no such file or folder")
     if path.is_dir():
+        if (path / ".metadata").is_file():  # torch.distributed.checkpoint: what train.py writes as ckpt_<step>
+            raise UserError(f"{path} is a training checkpoint folder (optimizer and all), not a weights file: pass "
+                            f"the run's teacher_backbone.pth (backbone) or teacher.pth (backbone + heads), which "
+                            f"train.py exports beside it (rerun the same train.py command to rebuild them)")
         return _read_hf_folder(path)
     if path.suffix == ".safetensors":
-        return _safetensors(f"reading {path}").load_file(str(path), device="cpu")
+        try:
+            return _safetensors(f"reading {path}").load_file(str(path), device="cpu")
+        except ImportError:
+            raise
+        except Exception as e:  # safetensors' own header and size checks (SafetensorError is an Exception)
+            raise UserError(f"could not read {path}: the .safetensors file is corrupt or truncated ({e})") from e
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # not a torch file, truncated, or pickled objects beyond tensors: one clear line
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise ValueError(f"could not read {path} as a checkpoint ({type(e).__name__}: {first})") from e
+        raise UserError(f"could not read {path} as a checkpoint: {_what_is_wrong(path, e)}") from e
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -732,18 +770,18 @@ def hub_model(name, *, pretrained=True, weights=None, **kwargs):
     any checkpoint from_pretrained reads. Nothing is downloaded. Other keyword arguments go to VisionTransformer."""
     arch, registers = HUB_ENTRY_POINTS[name]
     if pretrained and weights is None:
-        raise ValueError(f"{name}: pretrained weights are never downloaded by this repository; pass "
-                         f"weights=PATH (a hub .pth, a Hugging Face folder, a timm file), or pretrained=False for a "
-                         f"random init")
+        raise UserError(f"{name}: pretrained weights are never downloaded by this repository; pass "
+                        f"weights=PATH (a hub .pth, a Hugging Face folder, a timm file), or pretrained=False for a "
+                        f"random init")
     if not pretrained and weights is not None:
-        raise ValueError(f"{name}: weights={weights!r} with pretrained=False; drop one of the two")
+        raise UserError(f"{name}: weights={weights!r} with pretrained=False; drop one of the two")
     released = dict(img_size=518, patch_size=14, init_values=1.0, num_register_tokens=4 if registers else 0,
                     interpolate_antialias=registers, interpolate_offset=0.0 if registers else 0.1)
     if weights is None:
         return build_model(arch, **{**released, **kwargs})
     if isinstance(weights, (str, os.PathLike)) and not os.path.exists(weights):
         # the released entry points take a dataset name here (weights="LVD142M") and download; this one reads files
-        raise ValueError(f"{name}: weights={weights!r} is not a file or folder; weights= takes a checkpoint path")
+        raise UserError(f"{name}: weights={weights!r} is not a file or folder; weights= takes a checkpoint path")
     sd = backbone_state_dict_from(weights)
     # The checkpoint's own grid unless img_size is given: a 224-px checkpoint then runs as trained, instead of
     # having its pos_embed resampled to the released 37x37 grid (the released entry points need img_size=224).
@@ -772,7 +810,12 @@ def backbone_state_dict_from(obj):
     `_checkpoint_wrapped_module.` segments anywhere; the chunked `blocks.<c>.<i>.` layout. Head keys (dino_head.,
     ibot_head., and an HF task model's classifier) and loss centers are left out."""
     if isinstance(obj, (str, os.PathLike)):
-        obj = read_checkpoint(obj)
+        try:
+            return backbone_state_dict_from(read_checkpoint(obj))
+        except UserError as e:  # name the file, once
+            if str(obj) in str(e):
+                raise
+            raise type(e)(f"{obj}: {e}") from None
     while isinstance(obj, Mapping):  # unwrap {"teacher": {...}} and the like, possibly nested
         wrapper = next((k for k in ("teacher", "model", "student", "backbone", "state_dict")
                         if isinstance(obj.get(k), Mapping)), None)
@@ -780,7 +823,7 @@ def backbone_state_dict_from(obj):
             break
         obj = obj[wrapper]
     if not isinstance(obj, Mapping):
-        raise ValueError(f"expected a state dict, got {type(obj).__name__}")
+        raise UserError(f"expected a state dict, got {type(obj).__name__}")
     # torch.compile and activation-checkpoint wrappers add a name segment wherever they wrap (root or block)
     sd = {k.replace("_orig_mod.", "").replace("_checkpoint_wrapped_module.", ""): v
           for k, v in obj.items() if torch.is_tensor(v)}
@@ -793,8 +836,8 @@ def backbone_state_dict_from(obj):
     layout = checkpoint_layout(sd)
     converted = {"hub": dict, "hf": hf_to_hub, "timm": timm_to_hub}[layout](sd) if layout else {}
     if not _VIT_KEYS <= converted.keys():
-        raise ValueError(f"not a ViT backbone state dict. Layouts tried: {LAYOUTS}. "
-                         f"Found {len(sd)} tensors: {_list_keys(sd.keys())}")
+        raise UserError(f"not a ViT backbone state dict. Layouts tried: {LAYOUTS}. "
+                        f"Found {len(sd)} tensors: {_list_keys(sd.keys())}")
     return converted
 
 
@@ -819,15 +862,23 @@ def load_pretrained(model, path_or_state_dict):
     misshapen = sorted(f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
                        for k in own.keys() & sd.keys() if sd[k].shape != own[k].shape)
     if missing or unexpected or misshapen:
-        lines = ["checkpoint does not fit the model:"]
+        src = path_or_state_dict if isinstance(path_or_state_dict, (str, os.PathLike)) else "checkpoint"
+        parts = [f"{src} does not fit the model"]
+        D, D_own = sd["cls_token"].shape[-1], own["cls_token"].shape[-1]
+        depth, depth_own = (len({k.split(".")[1] for k in d if k.startswith("blocks.")}) for d in (sd, own))
+        if D != D_own:  # the usual cause: another arch (train.py --arch, or the wrong file)
+            parts.append(f"It is a {ARCH_BY_WIDTH.get(D, f'width-{D}')} (width {D}), the model a "
+                         f"{ARCH_BY_WIDTH.get(D_own, f'width-{D_own}')} (width {D_own}): use the checkpoint's arch")
+        elif depth != depth_own:
+            parts.append(f"It has {depth} blocks, the model {depth_own}: use the checkpoint's depth")
         if missing:
-            lines.append(f"  missing keys ({len(missing)}): {_list_keys(missing)}")
+            parts.append(f"missing keys ({len(missing)}): {_list_keys(missing)}")
         if unexpected:
-            lines.append(f"  unexpected keys ({len(unexpected)}): {_list_keys(unexpected)}")
+            parts.append(f"unexpected keys ({len(unexpected)}): {_list_keys(unexpected)}")
         if misshapen:
-            lines.append(f"  shape mismatches ({len(misshapen)}): " + "; ".join(misshapen[:12])
+            parts.append(f"shape mismatches ({len(misshapen)}): " + "; ".join(misshapen[:12])
                          + (f"; ... ({len(misshapen) - 12} more)" if len(misshapen) > 12 else ""))
-        raise ValueError("\n".join(lines))
+        raise UserError(". ".join(parts))  # one line: the `error:` line of the scripts
     model.load_state_dict(sd, strict=True)
     return model
 
@@ -841,7 +892,7 @@ def from_pretrained(path_or_state_dict, **overrides):
     sd = backbone_state_dict_from(path_or_state_dict)
     D = sd["cls_token"].shape[-1]
     if D not in ARCH_BY_WIDTH:
-        raise ValueError(f"no known arch has width {D}; known widths: {ARCH_BY_WIDTH}")
+        raise UserError(f"no known arch has width {D}; known widths: {ARCH_BY_WIDTH}")
     patch_size = sd["patch_embed.proj.weight"].shape[-1]
     kwargs = dict(
         patch_size=patch_size,
@@ -873,31 +924,39 @@ def from_pretrained(path_or_state_dict, **overrides):
 
 @dataclass
 class Config:
-    arch: str = "vit_small"  # any name or alias of ARCHS
-    size: int = 224  # input height = width, in pixels, for the FLOPs figure
-    img_size: int = 518  # native pos-embed grid in pixels (518 as the released hub models; it sets the count)
-    num_register_tokens: int = 0  # register tokens (the released *_reg models have 4)
-    convert: str = ""  # a checkpoint to convert (file or Hugging Face folder, any layout from_pretrained reads)
-    to: str = "hub"  # layout --convert writes: hub (.pth), hf (folder: config.json + model.safetensors), timm (.pth)
-    out: str = ""  # where --convert writes: a .pth file (hub, timm) or a folder (hf)
+    arch: str = arg("vit_small", "any name or alias of ARCHS")
+    size: int = arg(224, "input height = width, in pixels, for the FLOPs figure")
+    img_size: int = arg(518, "native pos-embed grid in pixels (518 as the released hub models; it sets the count)")
+    num_register_tokens: int = arg(0, "register tokens (the released *_reg models have 4)")
+    convert: str = arg("", "a checkpoint to convert (file or Hugging Face folder, any layout from_pretrained reads)")
+    to: str = arg("hub", "layout --convert writes: hub (.pth), hf (folder: config.json + model.safetensors), timm "
+                         "(.pth)")
+    out: str = arg("", "where --convert writes: a .pth file (hub, timm) or a folder (hf)")
+
+    def __post_init__(self):
+        if self.arch not in ARCHS:
+            raise ValueError(f"--arch {self.arch}: unknown; known: {', '.join(ARCHS)}")
+        if self.to not in ("hub", "hf", "timm"):
+            raise ValueError(f"--to {self.to}: unknown layout; known: hub, hf, timm")
+        for name in ("size", "img_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.num_register_tokens < 0:
+            raise ValueError(f"--num-register-tokens must be >= 0, got {self.num_register_tokens}")
+        if self.convert and not self.out:
+            raise ValueError("--convert needs --out: a .pth file for --to hub or timm, a folder for --to hf")
 
 
-def main():
-    parser = argparse.ArgumentParser(description="Parameter count and forward FLOPs of a DINOv2 ViT, or "
-                                                 "--convert IN --to hub|hf|timm --out OUT.")
-    for name, field in Config.__dataclass_fields__.items():
-        parser.add_argument(f"--{name.replace('_', '-')}", type=field.type, default=field.default,
-                            help=f"(default: {field.default})")
-    cfg = Config(**vars(parser.parse_args()))
+def main(argv=None):
+    cfg = cli.parse(Config, argv, "Parameter count and forward FLOPs of a DINOv2 ViT, or --convert IN --to "
+                                  "hub|hf|timm --out OUT.")
     if cfg.convert:
-        if not cfg.out:
-            parser.error("--convert needs --out: a .pth file for --to hub or timm, a folder for --to hf")
         if not os.path.exists(cfg.convert):
-            parser.error(f"--convert: {cfg.convert} does not exist")
+            raise MissingFile(f"--convert {cfg.convert}: no such file or folder")
         try:
             print(export(cfg.convert, cfg.out, cfg.to))
-        except (ValueError, ImportError, RuntimeError) as e:  # a checkpoint that is not a ViT, a missing package
-            raise SystemExit(f"error: {e}") from None
+        except ImportError as e:  # a missing optional package (safetensors) is the user's to install
+            raise UserError(str(e)) from None
         return
     with torch.device("meta"):  # counting needs no memory
         model = build_model(cfg.arch, img_size=cfg.img_size, num_register_tokens=cfg.num_register_tokens)
@@ -908,4 +967,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import cli
 import vit
 from test_vit import randomize_  # weights far from the init, so that every tensor matters
 
@@ -355,14 +356,19 @@ def test_convert_command_line(models, tmp_path, monkeypatch, capsys):
         assert "transformers.Dinov2WithRegistersModel.from_pretrained(" in out
         assert_same_features(vit.from_pretrained(tmp_path / "hf"), src, (112,))
     # user errors: one `error:` line and a non-zero exit, no traceback
-    with pytest.raises(SystemExit):
-        run("--convert", tmp_path / "hub.pth", "--to", "timm")
-    assert "--convert needs --out" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match="error: unknown layout 'onnx'"):
-        run("--convert", tmp_path / "hub.pth", "--to", "onnx", "--out", tmp_path / "x")
+    def fails(*args, code=1):
+        monkeypatch.setattr(sys, "argv", ["vit.py", *map(str, args)])
+        with pytest.raises(SystemExit) as e:
+            cli.run(vit.main)
+        err = capsys.readouterr().err
+        assert e.value.code == code and "Traceback" not in err
+        return err
+    assert "--convert needs --out" in fails("--convert", tmp_path / "hub.pth", "--to", "timm", code=2)
+    assert "--to onnx: unknown layout" in fails("--convert", tmp_path / "hub.pth", "--to", "onnx", "--out", "x", code=2)
     (tmp_path / "notes.txt").write_text("not a checkpoint")
-    with pytest.raises(SystemExit, match=r"error: could not read .*notes.txt as a checkpoint"):
-        run("--convert", tmp_path / "notes.txt", "--to", "hub", "--out", tmp_path / "y.pth")
+    err = fails("--convert", tmp_path / "notes.txt", "--to", "hub", "--out", tmp_path / "y.pth")
+    assert re.search(r"^error: could not read .*notes.txt as a checkpoint: it is a text file", err)
+    assert "weights_only=False" not in err
 
 
 # ----------------------------------------------------------------------------------------------------------------

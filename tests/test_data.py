@@ -479,7 +479,7 @@ def write_bad_files(folder):
     (folder / "f_text.jpg").write_text("this is not a JPEG")
 
 
-def test_unreadable_files_are_skipped_with_one_counting_warning(tmp_path):
+def test_unreadable_files_are_skipped_each_named_once(tmp_path):
     colors = {"a.png": (255, 0, 0), "b.png": (0, 255, 0), "c.png": (0, 0, 255)}
     for name, color in colors.items():
         save(tmp_path / name, solid(color))
@@ -492,10 +492,39 @@ def test_unreadable_files_are_skipped_with_one_counting_warning(tmp_path):
             for i in range(len(ds)):
                 img, label = ds[i]
                 assert img.getpixel((0, 0)) in colors.values() and label == 0
-    ours = [w for w in caught if "unreadable" in str(w.message)]
-    assert len(ours) == 1 and str(tmp_path) in str(ours[0].message)
+    ours = [str(w.message) for w in caught if "unreadable" in str(w.message)]
+    # issue 12, defect 9: every unreadable file is named (up to name_limit = 3), once, not only the first
+    assert len(ours) == 3 and all(any(name in m for m in ours) for name in ("d_truncated", "e_zero", "f_text"))
     assert ds.n_skipped == 3
     assert "3 unreadable" in ds.summary()
+
+
+def test_training_stream_names_skipped_files_and_counts_them_per_epoch(tmp_path):
+    # issue 12, defect 9: the stream's skips (met in DataLoader workers) reach the main process; the first files are
+    # named there, and each epoch's end prints how many samples were skipped (one line per epoch, not per worker)
+    for name, color in {"a.png": (255, 0, 0), "b.png": (0, 255, 0), "c.png": (0, 0, 255)}.items():
+        save(tmp_path / name, solid(color))
+    write_bad_files(tmp_path)
+    images = ImageFolderDataset(tmp_path)
+    augment = data.MultiCropAugmentation(global_size=16, local_size=8, n_local=0)
+    collate = data.MultiCropCollate(MaskingGenerator((2, 2)), (0.1, 0.5), 0.0, world=1, seed=0)
+    loader = torch.utils.data.DataLoader(data.MultiCropDataset(images, augment, 0), collate_fn=collate,
+                                         batch_sampler=data.GlobalBatchSampler(6, 6, 0, 1, 0, 0), num_workers=2)
+    lines = []
+    report = data.SkipReport(epoch_length=1, name_limit=2, write=lines.append)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step, batch in zip(range(2), loader):  # each batch is the 6 files once: 3 readable, 3 skipped
+            report.update(batch.pop("skipped"), step)
+    assert not [w for w in caught if "unreadable" in str(w.message)]  # the workers stay silent
+    named = [line for line in lines if line.startswith("skipping unreadable file")]
+    assert len(named) == 2 and "only counted" in named[1]
+    epochs = [line for line in lines if line.startswith("epoch ")]
+    # files in order a b c d e f, d e f bad: a sample drawn at d walks d, e, f (3 skips) to reach a, at e 2, at f 1,
+    # so each pass over the 6 files skips 3 + 2 + 1 = 6 times
+    assert epochs == [f"epoch {e}: 6 sample(s) skipped for unreadable files (3 distinct unreadable files so far)"
+                      for e in (1, 2)]
+    assert report.row() == {"skipped_files": 3}
 
 
 def test_empty_or_unusable_folders_are_errors_naming_the_folder(tmp_path):

@@ -56,7 +56,7 @@ def test_whole_crops_targets_every_patch_token():
 
 
 @pytest.mark.parametrize("flag,value,field", [("--n-prototypes", "128", "n_prototypes"),
-                                              ("--patch-size", "16", "patch_size")])
+                                              ("--patch-size", "28", "patch_size")])
 def test_mismatched_student_is_a_clear_error(teacher_file, tmp_path, flag, value, field):
     cfg = distill.parse_distill_config(STUDENT + ["--teacher", str(teacher_file), flag, value])
     with pytest.raises(ValueError, match=field):

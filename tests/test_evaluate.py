@@ -259,16 +259,21 @@ def test_load_backbone_errors(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="weights file not found: .*nope.pth"):
         evaluate.load_backbone(tmp_path / "nope.pth", device="cpu")
     torch.save({"fc.weight": torch.zeros(3, 3)}, tmp_path / "odd.pth")
-    with pytest.raises(ValueError, match="could not load a ViT backbone from .*odd.pth.*not a ViT backbone"):
+    with pytest.raises(ValueError, match=r"odd.pth: not a ViT backbone"):
         evaluate.load_backbone(tmp_path / "odd.pth", device="cpu")
     (tmp_path / "text.pth").write_text("not a checkpoint")
-    with pytest.raises(ValueError, match="could not load a ViT backbone from .*text.pth"):
+    with pytest.raises(ValueError, match=r"could not read .*text.pth as a checkpoint: it is a text file"):
         evaluate.load_backbone(tmp_path / "text.pth", device="cpu")
     monkeypatch.chdir(tmp_path)  # no runs/train/teacher_backbone.pth here
     with pytest.raises(FileNotFoundError, match="python train.py"):
         evaluate.load_backbone(None, device="cpu")
-    with pytest.raises(SystemExit, match="weights file not found"):
+    with pytest.raises(FileNotFoundError, match="--weights .*nope.pth: no such file"):
         evaluate.main(["--weights", str(tmp_path / "nope.pth")])
+    # issue 12, defect 9: a training checkpoint folder passed as --weights says what it is and what to pass instead
+    (tmp_path / "ckpt_00000004").mkdir()
+    (tmp_path / "ckpt_00000004" / ".metadata").write_bytes(b"\x80")
+    with pytest.raises(ValueError, match="training checkpoint folder .*teacher_backbone.pth"):
+        evaluate.load_backbone(tmp_path / "ckpt_00000004", device="cpu")
 
 
 def test_random_like_is_a_fresh_network():
@@ -287,13 +292,15 @@ def test_cli_json(tmp_path):
     weights = tmp_path / "w.pth"
     torch.save(vit.build_model("vit_tiny", img_size=112).state_dict(), weights)
     out = tmp_path / "out.json"
+    (tmp_path / "teacher.pth").write_bytes(b"PK\x03\x04 torn")  # issue 12, defect 4: a corrupt file beside the weights
     proc = subprocess.run(
         [sys.executable, str(ROOT / "evaluate.py"), "--weights", str(weights), "--json", str(out),
          "--n-train", "24", "--n-val", "8", "--seg-images", "3", "--linear-epochs", "2", "--size", "56",
          "--ks", "5", "10"],
         capture_output=True, text=True, timeout=300, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "2"})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "k-NN" in proc.stdout and "foreground IoU" in proc.stdout
+    assert "k-NN" in proc.stdout and "foreground IoU" in proc.stdout  # the results, despite the corrupt teacher.pth
+    assert "ignoring " in proc.stderr and "teacher.pth" in proc.stderr and "corrupt or truncated" in proc.stderr
     res = json.loads(out.read_text())
 
     def numbers(obj):

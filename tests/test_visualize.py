@@ -86,7 +86,7 @@ def test_image_folder_non_square_tiny_and_unreadable(tmp_path):
     assert [name for name, _ in images] == ["wide.png", "tiny.jpg"]
     with pytest.warns(UserWarning, match="no such file"):
         assert visualize.collect_images([tmp_path / "missing.png"]) == []
-    with pytest.raises(SystemExit, match="no readable image"), pytest.warns(UserWarning, match="unreadable"):
+    with pytest.raises(ValueError, match="no readable image"), pytest.warns(UserWarning, match="unreadable"):
         visualize.main([str(folder / "broken.png"), "--random", "--out", str(out)])
 
 
@@ -105,7 +105,7 @@ def test_curves_from_metrics_jsonl(tmp_path):
         assert len(visualize.read_metrics(tmp_path / "metrics.jsonl")) == 10
     keys = [k for k in rows[5] if visualize._is_curve(k)]
     assert keys == ["loss", "dino_global", "dino_local", "koleo", "lr", "ibot"]  # not step, not images_per_s
-    with pytest.raises(SystemExit, match="no metrics file"):
+    with pytest.raises(FileNotFoundError, match="no metrics file"):
         visualize.main(["--curves", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x.png")])
 
 
@@ -121,6 +121,27 @@ def test_unknown_flag_rejected(capsys):
     with pytest.raises(SystemExit):
         visualize.parse_config(["--bogus"])
     assert "unrecognized arguments" in capsys.readouterr().err
+    cfg = visualize.parse_config(["a.png", "photos", "--size", "98", "--attention"])  # positional images kept
+    assert cfg.images == ["a.png", "photos"] and cfg.size == 98 and cfg.attention
+    with pytest.raises(SystemExit) as e:
+        visualize.parse_config(["--schedules", "--curves", "runs/train"])
+    assert e.value.code == 2 and "pick one" in capsys.readouterr().err
+
+
+def test_weights_errors_are_one_line(tmp_path, capsys):
+    # issue 12, defects 4 and 9: a truncated or text --weights is one `error:` line naming the file, exit 1, without
+    # torch's "weights_only=False" advice; --debug would show the traceback
+    import cli
+    torch.save(vit.build_model("vit_tiny", img_size=56).state_dict(), tmp_path / "good.pth")
+    raw = (tmp_path / "good.pth").read_bytes()
+    (tmp_path / "cut.pth").write_bytes(raw[:len(raw) // 2])
+    (tmp_path / "notes.pth").write_text("my notes")
+    for name, why in (("cut.pth", "corrupt or truncated"), ("notes.pth", "text file")):
+        with pytest.raises(SystemExit) as e:
+            cli.run(visualize.main, ["--weights", str(tmp_path / name), "--n-synthetic", "1"])
+        err = capsys.readouterr().err
+        assert e.value.code == 1 and err.count("\n") == 1 and err.startswith("error: ") and name in err
+        assert why in err and "weights_only" not in err and "Traceback" not in err
 
 
 def test_hub_layout_weights_with_registers(tmp_path):
