@@ -117,6 +117,7 @@ class Config:
     # system
     strategy: str = "auto"  # auto | none | ddp | fsdp (auto: none on one process, fsdp above 200M params else ddp)
     compile: bool = False  # torch.compile each transformer block
+    dtype: str = "auto"  # compute precision: auto (bf16 on CUDA, fp32 elsewhere) | bf16 | fp32; fp32 master weights
     activation_checkpointing: bool = False  # recompute blocks in backward (for vit_l / vit_g)
     meta_init: bool = None  # FSDP: build on the meta device, initialise after sharding (default: vit_l / vit_g)
     device: str = "auto"  # auto | cpu | cuda | mps
@@ -129,6 +130,8 @@ class Config:
     monitor_data: str = ""  # labelled folder (class sub-folders) for the k-NN monitor; "" = held-out synthetic images
     monitor_images: int = 500  # images in the monitor's bank, and as many held-out queries
     resume: bool = True  # resume from the latest checkpoint in --out
+    dry_run: bool = False  # print parameters, FLOPs and memory per device for this run (plan.py), build nothing, exit
+    nproc: int = 0  # the world size --dry-run plans for (0 = this run's own)
 
 
 # Each preset is what the paper trained at that size; flags override single fields.
@@ -371,9 +374,9 @@ def parallelize(model, cfg, strategy, device, trainable):
             block.compile()
     if strategy == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        # bf16 compute with fp32 master weights and fp32 gradient reduction; fp32 on CPU (gloo tests)
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if device.type == "cuda" else None,
-                                  reduce_dtype=torch.float32)
+        # bf16 compute with fp32 master weights and fp32 gradient reduction (--dtype: bf16 on CUDA by default)
+        bf16 = compute_dtype(cfg.dtype, device) == torch.bfloat16
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
         for block in model.backbone.blocks:
             fully_shard(block, mp_policy=mp)
         for head in (model.dino_head, model.ibot_head):
@@ -506,11 +509,20 @@ def clip_gradients(parts, max_norm):
     return norms
 
 
-def autocast_for(device, strategy):
-    """bf16 autocast on CUDA (fp32 master weights); FSDP2 casts parameters itself (MixedPrecisionPolicy); fp32 on CPU
-    and MPS, where bf16 matmuls are slow or partial. Losses upcast to fp32 in losses.py whatever this gives."""
-    if device.type == "cuda" and strategy != "fsdp":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+def compute_dtype(dtype, device):
+    """--dtype: bf16 or fp32 compute (the master weights stay fp32). auto: bf16 on CUDA; fp32 on CPU and MPS, where
+    bf16 matmuls are slow or partial (--dtype bf16 runs the GPU's precision path on a CPU, as the tests do)."""
+    if dtype not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"unknown --dtype {dtype!r}; known: auto, bf16, fp32")
+    bf16 = dtype == "bf16" or (dtype == "auto" and torch.device(device).type == "cuda")
+    return torch.bfloat16 if bf16 else torch.float32
+
+
+def autocast_for(device, strategy, dtype="auto"):
+    """bf16 autocast when --dtype gives bf16 (fp32 master weights); under FSDP2 the MixedPrecisionPolicy casts the
+    parameters instead. Losses upcast to fp32 in losses.py whatever this gives."""
+    if compute_dtype(dtype, device) == torch.bfloat16 and strategy != "fsdp":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -682,7 +694,18 @@ def make_centers(cfg, device):
 
 def train(cfg):
     """DINOv2: the teacher is the EMA of the student and gives the targets."""
+    import plan  # what the run needs: parameters, FLOPs, memory per device (nothing allocated)
+    if cfg.dry_run:
+        raise SystemExit(plan.dry_run(cfg))
     rank, world, device, strategy, n_params = setup(cfg)
+    est = plan.estimate(cfg, world, device.type)
+    print0(plan.compact_estimate(est))
+    ok, advice = plan.fits(est, device)
+    if not ok and est["memory"]["total"] - est["memory"]["activations"] - est["memory"]["logits"] > \
+            plan.device_memory(device):  # the state alone (an exact count) cannot fit: stop before allocating it
+        raise SystemExit(f"error: {advice}")
+    if not ok:  # activations and logits are a closed form: warn, and let the allocator have the last word
+        print0(f"warning: {advice}")
     student_p, student, teacher = build_models(cfg, strategy, device)
     fit(cfg, rank, world, device, strategy, student_p, student, teacher=teacher, ema=teacher, export="teacher")
 
@@ -712,7 +735,7 @@ def fit(cfg, rank, world, device, strategy, student_p, student, teacher, ema, ex
     monitor = build_monitor(cfg, n_images)  # every rank runs it: an FSDP teacher needs all of them for a forward
     alarm = CollapseAlarm(cfg.n_prototypes, window=max(20, total // 10))  # a tenth of the run, 20 steps at least
     knn = None  # the monitor's last k-NN top-1
-    autocast = autocast_for(device, strategy)
+    autocast = autocast_for(device, strategy, cfg.dtype)
     flops = flops_per_image(student.backbone, cfg) * cfg.batch_size  # per rank and step
     peak = peak_flops(device)
     if rank == 0:
