@@ -35,16 +35,24 @@ def resolve_device_type(cfg):
     return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
 
 
+MODEL_FIELDS = ("arch", "patch_size", "depth", "num_registers", "ffn", "n_prototypes", "head_hidden_dim",
+                "head_bottleneck_dim", "separate_ibot_head", "ibot_n_prototypes", "ibot_bottleneck_dim", "global_size")
+_counts = {}  # the meta model per shape: fits() re-estimates many batch sizes of one model
+
+
 def count_parameters(cfg):
     """Parameters of the student by part, counted on the meta device (no memory), plus the largest FSDP unit
     (a block, a head or the root's own parameters: what one all-gather materialises)."""
     import train
-    with torch.device("meta"):
-        model = train.build_ssl_model(cfg, 0.0)
-    parts = {name: sum(p.numel() for p in m.parameters()) for name, m in model.parts().items()}
-    blocks = [sum(p.numel() for p in b.parameters()) for b in model.backbone.blocks]
-    units = blocks + [v for k, v in parts.items() if k != "backbone"] + [parts["backbone"] - sum(blocks)]
-    return dict(parts=parts, total=sum(parts.values()), largest_unit=max(units), model=model)
+    key = tuple(getattr(cfg, f) for f in MODEL_FIELDS)
+    if key not in _counts:
+        with torch.device("meta"):
+            model = train.build_ssl_model(cfg, 0.0)
+        parts = {name: sum(p.numel() for p in m.parameters()) for name, m in model.parts().items()}
+        blocks = [sum(p.numel() for p in b.parameters()) for b in model.backbone.blocks]
+        units = blocks + [v for k, v in parts.items() if k != "backbone"] + [parts["backbone"] - sum(blocks)]
+        _counts[key] = dict(parts=parts, total=sum(parts.values()), largest_unit=max(units), model=model)
+    return _counts[key]
 
 
 def block_activation_bytes(D, F, H, act, res, ffn="mlp", drop_path=0.0):
@@ -243,33 +251,49 @@ def device_memory(device):
 
 
 def fits(est, device):
-    """(True, "") when the estimated peak fits the device's memory; otherwise (False, advice), the advice naming the
-    flags that would make it fit, each with the total it would give."""
-    capacity = device_memory(device)
+    """(True, "") when the estimated peak fits the device's memory (a torch.device, or a size in bytes); otherwise
+    (False, advice), the advice naming the flags that would make it fit, each with the total it would give."""
+    capacity = device if isinstance(device, int) else device_memory(device)
     total = est["memory"]["total"]
     if total <= capacity:
         return True, ""
-    cfg, world = est["cfg"], est["world"]
+    cfg, world, dev = est["cfg"], est["world"], est["device_type"]
+    total_of = lambda c, w=world: estimate(c, w, dev)["memory"]["total"]
     options = []
 
-    def option(text, new_cfg, new_world=world):
-        t = estimate(new_cfg, new_world, est["device_type"])["memory"]["total"]
+    def option(text, t):
         options.append(f"{text} (~{t / GiB:.1f} GiB{', fits' if t <= capacity else ''})")
-        return t
 
     if est["strategy"] != "fsdp" and world > 1:
-        option("--strategy fsdp", dataclasses.replace(cfg, strategy="fsdp"))
+        option("--strategy fsdp", total_of(dataclasses.replace(cfg, strategy="fsdp")))
     fsdp = dataclasses.replace(cfg, strategy="fsdp")
-    for n in (2, 4, 8, 16, 32, 64, 128, 256):
-        if n > world and estimate(fsdp, n, est["device_type"])["memory"]["total"] <= capacity:
-            option(f"{n} GPUs with --strategy fsdp", fsdp, n)
-            break
+    if dev == "cuda" and total_of(fsdp) > capacity:  # more GPUs shard the state further (more CPU processes on
+        more = next((n for n in (2, 4, 8, 16, 32, 64, 128, 256, 512)  # one machine would not help)
+                     if n > world and total_of(fsdp, n) <= capacity), None)
+        if more:
+            option(f"{more} GPUs with --strategy fsdp", total_of(fsdp, more))
+    ckpt = cfg if cfg.activation_checkpointing else dataclasses.replace(cfg, activation_checkpointing=True)
     if not cfg.activation_checkpointing:
-        option("--activation-checkpointing", dataclasses.replace(cfg, activation_checkpointing=True))
-    if cfg.batch_size > 1:
-        option(f"--batch-size {max(1, cfg.batch_size // 2)}",
-               dataclasses.replace(cfg, batch_size=max(1, cfg.batch_size // 2)))
-    advice = (f"the run needs ~{total / GiB:.1f} GiB per device and {device} has {capacity / GiB:.1f} GiB; "
+        option("--activation-checkpointing", total_of(ckpt))
+    if total_of(ckpt) > capacity and cfg.batch_size > 1:  # the largest batch that fits (memory grows with it)
+        low, high = 0, cfg.batch_size  # low fits (0: nothing tried yet), high does not
+        while high - low > 1:
+            mid = (low + high) // 2
+            low, high = (mid, high) if total_of(dataclasses.replace(ckpt, batch_size=mid)) <= capacity else (low, mid)
+        if low:
+            option(f"--batch-size {low}" + ("" if cfg.activation_checkpointing else " with it"),
+                   total_of(dataclasses.replace(ckpt, batch_size=low)))
+    if not any(o.endswith("fits)") for o in options):  # no single change is enough: combine them
+        both = dataclasses.replace(ckpt, strategy="fsdp")
+        more = next((n for n in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512) if n >= world and
+                     (dev == "cuda" or n == world) and total_of(both, n) <= capacity), None)
+        if more:
+            option(f"{more} {'GPUs' if dev == 'cuda' else 'processes'} with --strategy fsdp "
+                   f"--activation-checkpointing", total_of(both, more))
+        else:
+            options.append("nothing listed here fits: a smaller --arch, --batch-size, --n-prototypes or crops")
+    where = f"{capacity / GiB:.1f} GiB" if isinstance(device, int) else f"{capacity / GiB:.1f} GiB on {device}"
+    advice = (f"the run needs ~{total / GiB:.1f} GiB per device, more than the {where}; "
               f"try: " + "; ".join(options))
     return False, advice
 
@@ -278,4 +302,8 @@ def dry_run(cfg):
     """`python train.py --dry-run`: the estimate for cfg.nproc processes (default 1) of cfg.device; returns 0."""
     est = estimate(cfg, cfg.nproc or 1)
     print(format_estimate(est))
+    here = resolve_device_type(dataclasses.replace(cfg, device="auto"))
+    if est["device_type"] == here:  # the device this machine has: say whether it fits, and what would
+        ok, advice = fits(est, torch.device(here))
+        print(f"fits this machine's {here}: " + ("yes" if ok else f"no; {advice}"))
     return 0
