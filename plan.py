@@ -119,12 +119,17 @@ def estimate(cfg, world=None, device_type=None):
     heads_act += (K * bn + K_ibot * bn_ibot) * act
     activations = (act_ckpt if cfg.activation_checkpointing else act_full) + heads_act
 
-    # --- prototype logits, kept from the loss forward into backward (losses.py computes in fp32)
-    student_cls = (2 + L) * B * K * (act + 4)  # the head's logits + log_softmax's fp32 output
-    student_patch = masked * K_ibot * (act + 4)
-    teacher = (2 * B * K + masked * K_ibot) * (act + 4) + 3 * B * K * 4  # logits, fp32 targets; the swapped / summed
-    backward_transient = 12 * max(2 * B * K, L * B * K, masked * K_ibot)  # grad of log_p, of the logits, the cast
-    logits = student_cls + student_patch + teacher + backward_transient
+    # --- prototype logits (losses.py computes in fp32). At the end of the loss forward the heads' logits (act bytes)
+    # and log_softmax's fp32 output are alive for the student, logits and fp32 targets for the teacher, plus one
+    # fp32 product; once ssl_losses returns only what autograd saved is left (log_softmax outputs, targets), and
+    # backward adds two fp32 gradients of the largest block at a time. The peak is the larger of the two moments.
+    student_el = (2 + L) * B * K + masked * K_ibot  # elements of the student's logits: cls of every crop, masked patches
+    teacher_el = 2 * B * K + masked * K_ibot
+    largest = max(2 * B * K, L * B * K, masked * K_ibot)
+    targets = 3 * B * K * 4  # dino_loss's swapped (2B, K) and summed (B, K) targets, fp32
+    forward_end = (student_el + teacher_el) * (act + 4) + targets + 4 * largest
+    backward_start = (student_el + teacher_el) * 4 + targets + 8 * largest
+    logits = max(forward_end, backward_start)
 
     # --- state, per device
     weights = 4 * P / shard
