@@ -301,6 +301,9 @@ class SSLModel(nn.Module):
 
 
 def build_ssl_model(cfg, drop_path):
+    # NOTE(deviation): vit_large trains with the MLP FFN, as the released ViT-L backbone (distilled from ViT-g) has it,
+    # so --init-from and the hub / Hugging Face / timm layouts fit it; the released vitl14.yaml, which trains ViT-L
+    # from scratch, uses swiglufused (hidden 2736, 0.1% more parameters): --ffn swiglu gives that.
     ffn = ("swiglu" if canonical_arch(cfg.arch) == "vit_giant2" else "mlp") if cfg.ffn == "auto" else cfg.ffn
     # NOTE(deviation): register models interpolate pos-embeds by size (with antialias), as the released *_reg models.
     interp = dict(interpolate_antialias=True, interpolate_offset=0.0) if cfg.num_registers else {}
