@@ -52,8 +52,8 @@ class BenchConfig(train.Config):
     forward_size: int = 224
     data_images: int = 20  # images through the multi-crop pipeline
     json: str = ""  # also write the figures here
-    suite: str = ""  # "" = the one configuration the flags give | gpu = the fixed GPU suite (SUITES below)
-    quick: bool = False  # --suite at tiny sizes (depth 1, 28-px crops): runs on a CPU in seconds, for CI
+    suite: str = ""  # "" = the one configuration the flags give | gpu = the fixed GPU suite of the docstring
+    quick: bool = False  # --suite at toy sizes (one block, 56-px crops): the same code paths on a CPU, for CI
     budget_s: float = 330  # --suite: no sub-benchmark starts after this many seconds (the suite's target: 6 min)
 
 

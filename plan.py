@@ -123,7 +123,7 @@ def estimate(cfg, world=None, device_type=None):
     # and log_softmax's fp32 output are alive for the student, logits and fp32 targets for the teacher, plus one
     # fp32 product; once ssl_losses returns only what autograd saved is left (log_softmax outputs, targets), and
     # backward adds two fp32 gradients of the largest block at a time. The peak is the larger of the two moments.
-    student_el = (2 + L) * B * K + masked * K_ibot  # elements of the student's logits: cls of every crop, masked patches
+    student_el = (2 + L) * B * K + masked * K_ibot  # logit elements: the cls of every crop, the masked patches
     teacher_el = 2 * B * K + masked * K_ibot
     largest = max(2 * B * K, L * B * K, masked * K_ibot)
     targets = 3 * B * K * 4  # dino_loss's swapped (2B, K) and summed (B, K) targets, fp32
