@@ -304,8 +304,11 @@ def fits(est, device):
 
 
 def dry_run(cfg):
-    """`python train.py --dry-run`: the estimate for cfg.nproc processes (default 1) of cfg.device; returns 0."""
-    est = estimate(cfg, cfg.nproc or 1)
+    """`python train.py --dry-run`: the estimate for cfg.nproc processes (0: torchrun's WORLD_SIZE, else 1) of
+    cfg.device, printed by rank 0; returns 0."""
+    est = estimate(cfg, cfg.nproc or int(os.environ.get("WORLD_SIZE", "1")))
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
     print(format_estimate(est))
     here = resolve_device_type(dataclasses.replace(cfg, device="auto"))
     if est["device_type"] == here:  # the device this machine has: say whether it fits, and what would
