@@ -18,10 +18,11 @@ Every flag of train.py works here (--arch, --batch-size, --global-size, --compil
     python bench.py --arch vit_l --batch-size 32 --compile
     torchrun --nproc_per_node=1 bench.py --arch vit_g --strategy fsdp --activation-checkpointing --batch-size 12
 
-The GPU suite: one command, ~5 minutes on one H100 / H200, one JSON (every sub-benchmark guarded: a failure is
-recorded and the rest run): the data pipeline, then vit_s and vit_l training steps in bf16 without and with
---compile, and vit_giant2 under FSDP2 (one process) with activation checkpointing; each with images/s, peak
-memory, MFU and plan.py's estimate of its peak memory beside the measured one. --quick: tiny sizes, for a CPU (CI).
+The GPU suite: one command sized for 6 minutes on one H100 / H200 (no sub-benchmark starts after --budget-s; not
+yet run on a GPU), one JSON, every sub-benchmark guarded (a failure is recorded and the rest run): the data
+pipeline, then vit_s and vit_l training steps in bf16 without and with --compile, and vit_giant2 under FSDP2 (one
+process) with activation checkpointing; each with images/s, peak memory, MFU and plan.py's estimate of its peak
+memory beside the measured one. --quick: toy sizes, the same code paths on a CPU (CI).
 
     python bench.py --suite gpu --json bench_gpu.json
     python bench.py --suite gpu --quick --json /tmp/bench_quick.json
