@@ -54,7 +54,7 @@ class BenchConfig(train.Config):
     data_images: int = 20  # images through the multi-crop pipeline
     json: str = ""  # also write the figures here
     suite: str = ""  # "" = the one configuration the flags give | gpu = the fixed GPU suite of the docstring
-    quick: bool = False  # --suite at toy sizes (one block, 56-px crops): the same code paths on a CPU, for CI
+    quick: bool = False  # --suite at toy sizes (one block, 28-px crops): the same code paths on a CPU, for CI
     budget_s: float = 330  # --suite: no sub-benchmark starts after this many seconds (the suite's target: 6 min)
 
 
@@ -177,9 +177,9 @@ SUITES = {"gpu": [
     ("vit_s_compile", ["--arch", "vit_s", "--batch-size", "64", "--compile", "--num-workers", "0"]),
     ("vit_l_compile", ["--arch", "vit_l", "--batch-size", "32", "--compile", "--num-workers", "0"]),
 ]}
-# --quick: the same code paths at toy sizes (one block, 56-px crops, no local crops: one inductor compile per
+# --quick: the same code paths at toy sizes (one block, 28-px crops, no local crops: one inductor compile per
 # model and mode), fp32 on a CPU. tests/test_gpu_paths.py compiles this very vit_s, so the two share inductor's cache.
-QUICK_MODEL = ["--depth", "1", "--global-size", "56", "--local-size", "28", "--n-local", "0", "--batch-size", "4",
+QUICK_MODEL = ["--depth", "1", "--global-size", "28", "--local-size", "14", "--n-local", "0", "--batch-size", "4",
                "--n-prototypes", "64", "--ibot-n-prototypes", "64", "--head-hidden-dim", "64",
                "--head-bottleneck-dim", "32", "--ibot-bottleneck-dim", "32", "--drop-path", "0",
                "--synthetic-images", "16", "--synthetic-size", "64"]
