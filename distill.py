@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 
 import cli
+import distributed
+import plan
 import train
 import vit
 from cli import arg
@@ -93,9 +95,11 @@ def load_frozen_teacher(cfg, strategy, device):
 
 
 def distill(cfg):
+    if cfg.dry_run:  # the student's run: parameters, FLOPs, memory per device (the frozen teacher not counted)
+        raise SystemExit(plan.dry_run(cfg, plan.count_parameters(train.meta_model(cfg))))
     rank, world, device, strategy, _ = train.setup(cfg)
     teacher, tcfg = load_frozen_teacher(cfg, strategy, device)
-    train.print0(f"frozen teacher: {tcfg.arch} ({cfg.teacher}) -> student {cfg.arch}")
+    distributed.print0(f"frozen teacher: {tcfg.arch} ({cfg.teacher}) -> student {cfg.arch}")
     # 2. build_models returns the student and an identical copy: here that copy is the student's EMA
     student_p, student, student_ema = train.build_models(cfg, strategy, device)
     # 3. the declared differences from DINOv2: targets from the frozen teacher, the EMA is the student's own, no

@@ -44,11 +44,13 @@ from tqdm import tqdm
 
 import cli
 import distributed
+import plan
 import vit
 from cli import arg
 from data import (DROP_PATH, GlobalBatchSampler, ImageFolderDataset, MaskingGenerator, MultiCropAugmentation,
                   MultiCropCollate, MultiCropDataset, SkipReport, SyntheticDataset, stream_seed)
 from distributed import barrier, is_dist, print0
+from plan import compute_dtype, flops_per_image, peak_flops, resolve_strategy
 from losses import (CollapseAlarm, DINOHead, SoftmaxCentering, dino_loss, ibot_loss, koleo_loss, sinkhorn_knopp,
                     teacher_diagnostics)
 
@@ -117,6 +119,7 @@ class Config:
     # system
     strategy: str = arg("auto", "auto | none | ddp | fsdp (auto: none on one process, fsdp above 200M params else ddp)")
     compile: bool = arg(False, "torch.compile each transformer block")
+    dtype: str = arg("auto", "compute precision: auto (bf16 on CUDA, fp32 elsewhere) | bf16 | fp32; fp32 master weights")
     activation_checkpointing: bool = arg(False, "recompute blocks in backward (for vit_l / vit_g)")
     meta_init: bool | None = arg(None, "FSDP: build on the meta device, init after sharding (default: vit_l / vit_g)")
     device: str = arg("auto", "auto | cpu | cuda | mps")
@@ -129,6 +132,8 @@ class Config:
     monitor_data: str = arg("", "labelled folder (class sub-folders) for the k-NN monitor; none: held-out synthetic")
     monitor_images: int = arg(500, "images in the monitor's bank, and as many held-out queries")
     resume: bool = arg(True, "resume from the latest checkpoint in --out")
+    dry_run: bool = arg(False, "print parameters, FLOPs and memory per device for this run (plan.py), build nothing")
+    nproc: int = arg(0, "the world size --dry-run plans for (0 = this run's own)")
 
     def __post_init__(self):
         """Every value checked before anything is built: a ValueError naming the flag (a usage error in cli.parse).
@@ -147,7 +152,7 @@ def check_config(cfg):
             raise ValueError(f"{_flag(name)} {what}, got {getattr(cfg, name)!r}")
 
     choices = dict(ffn=("auto", "mlp", "swiglu"), centering=("softmax", "sinkhorn_knopp"), blur=("paper", "released"),
-                   strategy=("auto", "none", "ddp", "fsdp"))
+                   strategy=("auto", "none", "ddp", "fsdp"), dtype=("auto", "bf16", "fp32"))
     for name, known in choices.items():
         need(getattr(cfg, name) in known, name, f"must be one of {', '.join(known)}")
     need(cfg.arch in vit.ARCHS, "arch", f"must be one of {', '.join(sorted(vit.ARCHS))}")
@@ -157,7 +162,7 @@ def check_config(cfg):
                  "save_every", "keep_last", "log_every"):
         need(getattr(cfg, name) >= 1, name, "must be >= 1")
     for name in ("depth", "num_registers", "n_local", "monitor_every", "monitor_images", "dino_weight", "ibot_weight",
-                 "koleo_weight", "warmup_teacher_temp_epochs", "layerscale", "min_lr", "warmup_epochs", "weight_decay",
+                 "koleo_weight", "nproc", "warmup_teacher_temp_epochs", "layerscale", "min_lr", "warmup_epochs", "weight_decay",
                  "weight_decay_end", "freeze_last_layer_epochs", "patch_embed_lr_mult", "heads_warmup_epochs"):
         need(getattr(cfg, name) >= 0, name, "must be >= 0")
     for name in ("student_temp", "teacher_temp", "warmup_teacher_temp", "epochs", "base_lr", "clip_grad",
@@ -337,6 +342,9 @@ class SSLModel(nn.Module):
 
 
 def build_ssl_model(cfg, drop_path):
+    # NOTE(deviation): vit_large trains with the MLP FFN, as the released ViT-L backbone (distilled from ViT-g) has it,
+    # so --init-from and the hub / Hugging Face / timm layouts fit it; the released vitl14.yaml, which trains ViT-L
+    # from scratch, uses swiglufused (hidden 2736, 0.1% more parameters): --ffn swiglu gives that.
     ffn = ("swiglu" if canonical_arch(cfg.arch) == "vit_giant2" else "mlp") if cfg.ffn == "auto" else cfg.ffn
     # NOTE(deviation): register models interpolate pos-embeds by size (with antialias), as the released *_reg models.
     interp = dict(interpolate_antialias=True, interpolate_offset=0.0) if cfg.num_registers else {}
@@ -376,14 +384,6 @@ def ema_update(teacher, student, momentum):
 # -----------------------------------------------------------------------------------------------------------------
 # Parallelism, applied from outside the model: the model code knows nothing of DDP or FSDP2.
 
-def resolve_strategy(cfg, world, n_params):
-    if cfg.strategy != "auto":
-        if world == 1 and cfg.strategy != "none":
-            return "none"  # one process: nothing to wrap
-        return cfg.strategy
-    return "none" if world == 1 else ("fsdp" if n_params > 200e6 else "ddp")
-
-
 def parallelize(model, cfg, strategy, device, trainable):
     """Activation checkpointing and compile per block, then DDP or FSDP2 (each block, each head, then the root)."""
     if trainable and cfg.activation_checkpointing:
@@ -393,9 +393,9 @@ def parallelize(model, cfg, strategy, device, trainable):
             block.compile()
     if strategy == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        # bf16 compute with fp32 master weights and fp32 gradient reduction; fp32 on CPU (gloo tests)
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if device.type == "cuda" else None,
-                                  reduce_dtype=torch.float32)
+        # bf16 compute with fp32 master weights and fp32 gradient reduction (--dtype: bf16 on CUDA by default)
+        bf16 = compute_dtype(cfg.dtype, device) == torch.bfloat16
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
         for block in model.backbone.blocks:
             fully_shard(block, mp_policy=mp)
         for head in (model.dino_head, model.ibot_head):
@@ -521,7 +521,8 @@ def make_run(cfg, rank, world, device, strategy, student_p, student, teacher, em
     optimizer = torch.optim.AdamW(param_groups(student, cfg), betas=(0.9, 0.999), eps=1e-8, fused=fused,
                                   foreach=not fused)
     return Run(cfg, rank, world, device, strategy, student, student_p, teacher, ema, optimizer,
-               make_centers(cfg, device), make_schedules(cfg, world), autocast_for(device, strategy), **kwargs)
+               make_centers(cfg, device), make_schedules(cfg, world), autocast_for(device, strategy, cfg.dtype),
+               **kwargs)
 
 
 def train_step(run, batch, step):
@@ -589,11 +590,11 @@ def clip_gradients(parts, max_norm):
     return norms
 
 
-def autocast_for(device, strategy):
-    """bf16 autocast on CUDA (fp32 master weights); FSDP2 casts parameters itself (MixedPrecisionPolicy); fp32 on CPU
-    and MPS, where bf16 matmuls are slow or partial. Losses upcast to fp32 in losses.py whatever this gives."""
-    if device.type == "cuda" and strategy != "fsdp":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+def autocast_for(device, strategy, dtype="auto"):
+    """bf16 autocast when --dtype gives bf16 (fp32 master weights); under FSDP2 the MixedPrecisionPolicy casts the
+    parameters instead. Losses upcast to fp32 in losses.py whatever this gives."""
+    if compute_dtype(dtype, device) == torch.bfloat16 and strategy != "fsdp":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -612,16 +613,43 @@ def setup(cfg):
     rank, world, device = distributed.init(cfg.device)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    with torch.device("meta"):  # count without allocating
-        n_params = sum(p.numel() for p in build_ssl_model(cfg, 0.0).backbone.parameters())
+    n_params = sum(p.numel() for p in meta_model(cfg).backbone.parameters())
     return rank, world, device, resolve_strategy(cfg, world, n_params), n_params
+
+
+def meta_model(cfg):
+    """The student's structure on the meta device: counted and planned (plan.py) without allocating anything."""
+    with torch.device("meta"):
+        return build_ssl_model(cfg, 0.0)
 
 
 def train(cfg):
     """DINOv2: the teacher is the EMA of the student and gives the targets."""
+    if cfg.dry_run:  # what the run needs (parameters, FLOPs, memory per device), nothing allocated
+        raise SystemExit(dry_run(cfg))
     rank, world, device, strategy, _ = setup(cfg)
+    check_fits(cfg, world, device)
     student_p, student, teacher = build_models(cfg, strategy, device)
     fit(make_run(cfg, rank, world, device, strategy, student_p, student, teacher=teacher, ema=teacher))
+
+
+def dry_run(cfg):
+    """--dry-run: print the plan (plan.py) and draw the schedules in <out>/schedules.png; builds nothing."""
+    code = plan.dry_run(cfg, plan.count_parameters(meta_model(cfg)))
+    if int(os.environ.get("RANK", "0")) == 0:  # no process group yet: torchrun's RANK tells
+        from visualize import plot_schedules  # plotting code, imported only when drawing
+        world = cfg.nproc or int(os.environ.get("WORLD_SIZE", "1"))
+        print(f"wrote {plot_schedules(make_schedules(cfg, world), Path(cfg.out) / 'schedules.png')}")
+    return code
+
+
+def check_fits(cfg, world, device):
+    """Print the memory estimate (plan.py) and stop with advice before allocating what cannot fit."""
+    est = plan.estimate(cfg, plan.count_parameters(meta_model(cfg)), world, device.type)
+    print0(plan.compact_estimate(est))
+    ok, advice = plan.fits(est, device)
+    if not ok:  # the estimate is within a few % of the live tensors (tests/test_gpu_paths.py)
+        raise cli.UserError(advice)
 
 
 def fit(run):
@@ -951,26 +979,7 @@ def atomic_save(obj, path):
 
 
 # -----------------------------------------------------------------------------------------------------------------
-# Throughput, Ctrl-C, the loss plot.
-
-PEAK_BF16_TFLOPS = {"H200": 989, "H100": 989, "A100": 312, "L40S": 362, "A10G": 70, "RTX 4090": 165,
-                    "RTX 3090": 71}  # dense bf16 tensor-core peaks from the vendors' data sheets
-
-
-def peak_flops(device):
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((tf * 1e12 for key, tf in PEAK_BF16_TFLOPS.items() if key in name), None)
-
-
-def flops_per_image(backbone, cfg):
-    """Training FLOPs per image: student forward + backward (3x) on every crop, teacher forward on the globals.
-    Backbones only: the heads run on a few tokens per image and add a few percent, so MFU is slightly understated."""
-    g = backbone.flops_per_image(cfg.global_size, cfg.global_size)
-    l = backbone.flops_per_image(cfg.local_size, cfg.local_size) if cfg.n_local else 0
-    return 3 * (2 * g + cfg.n_local * l) + 2 * g
-
+# Ctrl-C, the loss plot.
 
 class StopRequest:
     """Ctrl-C / SIGTERM: finish the current step, save, exit. A second Ctrl-C stops at once."""

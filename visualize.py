@@ -16,7 +16,6 @@ Public names, in reading order:
 Commands:
     python visualize.py                                    # 4 synthetic images through runs/train/teacher_backbone.pth
     python visualize.py photos/ --weights dinov2_vits14_reg4_pretrain.pth --size 448 --attention --out viz.png
-    python visualize.py --schedules --arch vit_small --out schedules.png   # lr, wd, momentum, teacher temperature
     python visualize.py --curves runs/train --out curves.png
 
 Shape alphabet: N patches, D width, H heads, h x w patch grid.
@@ -166,17 +165,10 @@ def _save(fig, out) -> Path:
 # Schedules and training curves
 
 
-def plot_schedules(out: str, arch: str = "vit_tiny") -> Path:
-    """lr, wd, teacher momentum, teacher temperature (and whatever else train.make_schedules returns) per
-    iteration of train.py's config for `arch` (its preset: vit_tiny = the laptop run, vit_small = the paper's)."""
-    try:  # imported here: train.py is the lead's, and the rest of this script does not need it
-        import train
-        make_schedules = train.make_schedules
-        config = train.parse_config(argv=["--arch", arch]) if hasattr(train, "parse_config") else train.Config()
-    except (ImportError, AttributeError) as e:
-        raise UserError(f"--schedules needs train.py with Config and make_schedules(cfg): {e}") from None
-    print(f"schedules of train.py's {getattr(config, 'arch', '')} config")
-    schedules = {k: np.asarray(v, dtype=float) for k, v in make_schedules(config).items()}
+def plot_schedules(schedules: dict, out) -> Path:
+    """One panel per schedule (train.make_schedules: lr, wd, teacher momentum, teacher temperature, ...) per
+    iteration; `python train.py --dry-run` draws the run's."""
+    schedules = {k: np.asarray(v, dtype=float) for k, v in schedules.items()}
     schedules = {k: v for k, v in schedules.items() if v.ndim == 1 and len(v)}
     fig, axes = plt.subplots(1, len(schedules), figsize=(3.2 * len(schedules), 2.8), squeeze=False)
     for ax, (name, values) in zip(axes[0], schedules.items()):
@@ -255,18 +247,15 @@ def plot_curves(run_dir: str, out: str) -> Path:
 class VizConfig:
     images: list[str] = arg([], "image files or folders; none: a few synthetic images")
     weights: str | None = arg(None, "backbone file; none: runs/train/teacher_backbone.pth")
-    arch: str = arg("vit_tiny", "architecture of --random, and whose train.py preset --schedules plots")
+    arch: str = arg("vit_tiny", "architecture of --random")
     random: bool = arg(False, "a randomly initialised --arch instead of weights (what structure is there for free)")
     size: int | None = arg(None, "shorter side in pixels, rounded to the patch; none: 112 synthetic, 224 images")
     attention: bool = arg(False, "add the last block's cls attention of each head")
     n_synthetic: int = arg(4, "synthetic images when none are given")
     out: str = arg("viz.png", "the PNG to write")
-    schedules: bool = arg(False, "plot train.py's schedules instead")
     curves: str | None = arg(None, "plot the curves of this run folder (or metrics.jsonl) instead")
 
     def __post_init__(self):
-        if self.schedules and self.curves:
-            raise ValueError("--schedules and --curves: pick one")
         if self.weights is not None and self.random:
             raise ValueError("pass either --weights or --random, not both")
         if self.size is not None and self.size < 1:
@@ -283,9 +272,7 @@ def parse_config(argv=None) -> VizConfig:
 def main(argv=None) -> Path:
     cfg = parse_config(argv)
     print(f"config: {asdict(cfg)}")
-    if cfg.schedules:
-        out = plot_schedules(cfg.out, cfg.arch)
-    elif cfg.curves:
+    if cfg.curves:
         out = plot_curves(cfg.curves, cfg.out)
     else:
         synthetic = not cfg.images

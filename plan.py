@@ -1,0 +1,343 @@
+"""
+plan.py: what a training run needs, worked out before anything is built: parameters, FLOPs, memory per device.
+
+The paper trains ViT-g/14 with FSDP on A100s (§5, "Efficient implementation"); whether a run fits is a sum of a
+few terms that can be counted exactly (parameters, optimizer state) or from a closed form (activations, prototype
+logits). Nothing here allocates: parameters are counted on the meta device, everything else is arithmetic.
+
+Reading order:
+    count_parameters   backbone and heads of the student (the teacher is a copy), built on the meta device
+    block_activation_bytes   what autograd keeps per token per transformer block (the closed form, derived below)
+    estimate           every term of the memory per device, FLOPs per image and per step
+    format_estimate    the table `--dry-run` prints; compact_estimate, the line a real run prints
+    device_memory      what the device holds (CUDA: total memory; CPU: available RAM)
+    fits               (fits?, advice): the flags that would bring the total under the device's memory
+    dry_run            `python train.py --dry-run`: print and exit
+
+Run:
+    python train.py --arch vit_g --dry-run --nproc 32 --strategy fsdp --device cuda
+"""
+import dataclasses
+import os
+
+import torch
+
+GiB = 2 ** 30
+# Memory that the framework's own allocator does not count: the CUDA context with cuBLAS / cuDNN workspaces, or on
+# a CPU the interpreter and torch's libraries (the RSS of `import train` is ~0.23 GiB; the first kernels add more).
+RUNTIME_BYTES = {"cuda": 1.0 * GiB, "cpu": 0.35 * GiB, "mps": 0.5 * GiB}
+GPU_SIZES = {"A100 40GB": 40, "A100/H100 80GB": 80, "H200 141GB": 141}  # the fits line of the table, in GB
+
+
+def resolve_device_type(cfg):
+    if cfg.device != "auto":
+        return cfg.device
+    return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+
+
+def count_parameters(model):
+    """Parameters of the student (train.meta_model(cfg): built on the meta device, no memory) by part, plus the
+    largest FSDP unit (a block, a head or the root's own parameters: what one all-gather materialises)."""
+    parts = {name: sum(p.numel() for p in m.parameters()) for name, m in model.parts().items()}
+    blocks = [sum(p.numel() for p in b.parameters()) for b in model.backbone.blocks]
+    units = blocks + [v for k, v in parts.items() if k != "backbone"] + [parts["backbone"] - sum(blocks)]
+    return dict(parts=parts, total=sum(parts.values()), largest_unit=max(units), model=model)
+
+
+def resolve_strategy(cfg, world, n_params):
+    if cfg.strategy != "auto":
+        if world == 1 and cfg.strategy != "none":
+            return "none"  # one process: nothing to wrap
+        return cfg.strategy
+    return "none" if world == 1 else ("fsdp" if n_params > 200e6 else "ddp")
+
+
+def compute_dtype(dtype, device):
+    """--dtype: bf16 or fp32 compute (the master weights stay fp32). auto: bf16 on CUDA; fp32 on CPU and MPS, where
+    bf16 matmuls are slow or partial (--dtype bf16 runs the GPU's precision path on a CPU, as the tests do)."""
+    if dtype not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"unknown --dtype {dtype!r}; known: auto, bf16, fp32")
+    bf16 = dtype == "bf16" or (dtype == "auto" and torch.device(device).type == "cuda")
+    return torch.bfloat16 if bf16 else torch.float32
+
+
+PEAK_BF16_TFLOPS = {"H200": 989, "H100": 989, "A100": 312, "L40S": 362, "A10G": 70, "RTX 4090": 165,
+                    "RTX 3090": 71}  # dense bf16 tensor-core peaks from the vendors' data sheets
+
+
+def peak_flops(device):
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((tf * 1e12 for key, tf in PEAK_BF16_TFLOPS.items() if key in name), None)
+
+
+def flops_per_image(backbone, cfg):
+    """Training FLOPs per image: student forward + backward (3x) on every crop, teacher forward on the globals.
+    Backbones only: the heads run on a few tokens per image and add a few percent, so MFU is slightly understated."""
+    g = backbone.flops_per_image(cfg.global_size, cfg.global_size)
+    l = backbone.flops_per_image(cfg.local_size, cfg.local_size) if cfg.n_local else 0
+    return 3 * (2 * g + cfg.n_local * l) + 2 * g
+
+
+
+def block_activation_bytes(D, F, H, act, res, ffn="mlp", drop_path=0.0):
+    """Bytes autograd keeps for backward, per token, in one pre-norm block (vit.Block) in training.
+
+    act = bytes of an activation fed to a matmul (2 under bf16 autocast or bf16 parameters, 4 in fp32); res = bytes
+    of the residual stream (fp32 under autocast, which runs LayerNorm and LayerScale's product in fp32).
+      attention branch: norm1 input (res) + the Linear's input (act) + q, k, v (3 act) + the attention output, which
+        is also proj's input (act) + proj's output, LayerScale's input (act): (res + 6 act) D, plus the fused
+        kernel's logsumexp (4 bytes per head)
+      FFN branch: norm2 input (res) + fc1's input (act) + fc2's output, LayerScale's input (act): (res + 2 act) D;
+        MLP: GELU's input and output, F each; SwiGLU: w12's output (2F), silu's output (F), the product (F)
+    Efficient stochastic depth (rate > 0.1, vit.drop_add_residual_stochastic_depth) runs each branch on (1 - p) of
+    the batch, and index_add keeps the branch's output (res bytes) as well.
+    fp32 MLP: 40 D + 8 F bytes = 72 D; bf16: 24 D + 4 F = 40 D (checked against autograd's saved tensors in tests).
+    """
+    hidden = (2 if ffn == "mlp" else 4) * F * act
+    per_token = (2 * res + 8 * act) * D + hidden + 4 * H
+    if drop_path > 0.1:
+        per_token = (1 - drop_path) * (per_token + 2 * res * D)
+    return per_token
+
+
+def estimate(cfg, counts, world=None, device_type=None):
+    """Parameters, FLOPs and memory per device (bytes) of `python train.py` with this Config on `world` processes
+    of `device_type` (default: cfg.nproc or 1, and the device cfg.device resolves to), given the student's
+    parameter counts (count_parameters). Nothing is allocated."""
+    world = world or cfg.nproc or 1
+    device_type = device_type or resolve_device_type(cfg)
+    backbone = counts["model"].backbone
+    P = counts["total"]
+    strategy = resolve_strategy(cfg, world, counts["parts"]["backbone"])
+    bf16 = compute_dtype(cfg.dtype, torch.device(device_type)) == torch.bfloat16
+    shard = world if strategy == "fsdp" else 1
+    act = 2 if bf16 else 4
+    res = 2 if (bf16 and strategy == "fsdp") else 4  # FSDP's bf16 parameters make the whole stream bf16
+    fused = device_type == "cuda"
+
+    # --- tokens of one rank's batch
+    B, L, p = cfg.batch_size, cfg.n_local, cfg.patch_size
+    R = cfg.num_registers
+    n_g, n_l = (cfg.global_size // p) ** 2, (cfg.local_size // p) ** 2  # patches per crop
+    tok_g, tok_l = 2 * B * (1 + R + n_g), L * B * (1 + R + n_l)  # tokens through the student
+    masked = 2 * B * cfg.mask_probability * (sum(cfg.mask_ratio) / 2) * n_g  # M: expected masked patches
+
+    # --- activations of the student (the teacher runs without grad: its transients are gone before the peak)
+    D, H, depth = backbone.embed_dim, backbone.num_heads, backbone.n_blocks
+    mlp = backbone.blocks[0].mlp
+    ffn = "mlp" if hasattr(mlp, "fc1") else "swiglu"
+    F = mlp.fc1.out_features if ffn == "mlp" else mlp.w3.in_features
+    per_token = block_activation_bytes(D, F, H, act, res, ffn, cfg.drop_path)
+    outside = (res + act) * D + 3 * p * p * act  # the patch-embed conv's input, the final norm's input and output
+    tokens = tok_g + tok_l
+    act_full = tokens * (depth * per_token + outside)
+    # checkpointing keeps each block's input (res bytes) and recomputes one block at a time in backward
+    act_ckpt = tokens * (depth * res * D + outside) + max(tok_g, tok_l) * per_token
+    h, bn = cfg.head_hidden_dim, cfg.head_bottleneck_dim
+    head_rows = (2 + L) * B + masked
+    K, K_ibot = cfg.n_prototypes, (cfg.ibot_n_prototypes if cfg.separate_ibot_head else cfg.n_prototypes)
+    bn_ibot = cfg.ibot_bottleneck_dim if cfg.separate_ibot_head else bn
+    heads_act = head_rows * (D + 4 * h + 2 * bn) * act  # each head's MLP: input, 2 x (Linear out + GELU out), norm
+    # each call of a head computes its weight-normed prototypes g v / |v| (K, bottleneck) anew and keeps them
+    heads_act += (K * bn + K_ibot * bn_ibot) * act
+    activations = (act_ckpt if cfg.activation_checkpointing else act_full) + heads_act
+
+    # --- prototype logits (losses.py computes in fp32). At the end of the loss forward the heads' logits (act bytes)
+    # and log_softmax's fp32 output are alive for the student, logits and fp32 targets for the teacher, plus one
+    # fp32 product; once ssl_losses returns only what autograd saved is left (log_softmax outputs, targets), and
+    # backward adds two fp32 gradients of the largest block at a time. The peak is the larger of the two moments.
+    student_el = (2 + L) * B * K + masked * K_ibot  # logit elements: the cls of every crop, the masked patches
+    teacher_el = 2 * B * K + masked * K_ibot
+    largest = max(2 * B * K, L * B * K, masked * K_ibot)
+    targets = 3 * B * K * 4  # dino_loss's swapped (2B, K) and summed (B, K) targets, fp32
+    forward_end = (student_el + teacher_el) * (act + 4) + targets + 4 * largest
+    backward_start = (student_el + teacher_el) * 4 + targets + 8 * largest
+    logits = max(forward_end, backward_start)
+
+    # --- state, per device
+    weights = 4 * P / shard
+    grads = 4 * P / shard
+    adamw = 8 * P / shard
+    teacher_w = 4 * P / shard
+    if strategy == "fsdp":  # one unit gathered in compute precision, the next prefetched, its grad and reduce buffer
+        extra_name = "FSDP2 gathered units"
+        extra = counts["largest_unit"] * (2 * act + act + 4)
+    elif strategy == "ddp":
+        extra_name = "DDP gradient buckets (fp32)"
+        extra = 4 * P
+    else:
+        extra_name = "autocast bf16 weight copies" if bf16 else "-"
+        extra = 2 * P if bf16 else 0
+    optimizer_transient = 0 if fused else 4 * P / shard  # the foreach AdamW's sqrt(v) temporaries
+
+    # peak: the start of backward (activations, logits, the heads' first gradients) or the end (every gradient and
+    # the optimizer step's temporaries), on top of what persists
+    persist = weights + adamw + teacher_w + extra
+    g_heads = 4 * (P - counts["parts"]["backbone"]) / shard
+    peak = persist + max(activations + logits + g_heads, grads + optimizer_transient)
+    runtime = RUNTIME_BYTES.get(device_type, 0.5 * GiB)
+
+    # --- FLOPs (model FLOPs, as MFU counts them: a recomputed forward is not useful work)
+    g = backbone.flops_per_image(cfg.global_size, cfg.global_size)
+    lc = backbone.flops_per_image(cfg.local_size, cfg.local_size) if L else 0
+    flops_backbone = flops_per_image(backbone, cfg)  # 3 x student (fwd + bwd) on every crop + teacher fwd
+    model = counts["model"]
+    # a row through a head: 2 FLOPs per weight of its Linears (the weight-norm scale g is not a matmul)
+    per_row = lambda head: 2 * sum(w.numel() for n, w in head.named_parameters()
+                                   if w.dim() == 2 and not n.endswith("original0"))
+    dino_row, ibot_row = per_row(model.dino_head), per_row(model.ibot_head or model.dino_head)
+    masked_per_image = masked / B
+    flops_heads = 3 * ((2 + L) * dino_row + masked_per_image * ibot_row) + 2 * dino_row + masked_per_image * ibot_row
+    flops_image = flops_backbone + flops_heads
+    return dict(
+        cfg=cfg, counts=counts, world=world, device_type=device_type, strategy=strategy,
+        dtype="bf16" if bf16 else "fp32",
+        params=counts["parts"], params_total=P,
+        tokens=dict(global_crop=1 + R + n_g, local_crop=1 + R + n_l, masked=masked, per_step=tokens),
+        flops=dict(backbone_per_image=flops_backbone, heads_per_image=flops_heads, per_image=flops_image,
+                   per_device_step=flops_image * B, per_global_step=flops_image * B * world,
+                   recompute_per_image=(2 * g + L * lc) if cfg.activation_checkpointing else 0),
+        memory=dict(weights=weights, gradients=grads, adamw=adamw, teacher=teacher_w, extra=extra,
+                    extra_name=extra_name, optimizer_transient=optimizer_transient,
+                    activations_full=act_full + heads_act, activations_ckpt=act_ckpt + heads_act,
+                    activations=activations, logits=logits, runtime=runtime, peak=peak, total=peak + runtime),
+    )
+
+
+def _gib(x):
+    return f"{x / GiB:8.2f}"
+
+
+def format_estimate(est):
+    """The table `--dry-run` prints: parameters, FLOPs, and each term of the memory per device."""
+    cfg, m, f = est["cfg"], est["memory"], est["flops"]
+    t = est["tokens"]
+    p = est["params"]
+    lines = [
+        f"plan: {cfg.arch}, {est['world']} x {est['device_type']} ({est['strategy']}, {est['dtype']}), batch "
+        f"{cfg.batch_size} per device (global {cfg.batch_size * est['world']}), crops 2x{cfg.global_size} + "
+        f"{cfg.n_local}x{cfg.local_size} px ({t['global_crop']} + {t['local_crop']} tokens), ~{t['masked']:.0f} "
+        f"masked patches per step",
+        "parameters (student; the teacher is the same): "
+        + ", ".join(f"{k} {v / 1e6:,.1f}M" for k, v in p.items()) + f", total {est['params_total'] / 1e6:,.1f}M",
+        f"FLOPs per image (train: student fwd+bwd on every crop, teacher fwd on the globals): "
+        f"{f['per_image'] / 1e9:,.1f} GFLOP (backbone {f['backbone_per_image'] / 1e9:,.1f}, heads "
+        f"{f['heads_per_image'] / 1e9:,.1f}); per device step {f['per_device_step'] / 1e12:,.2f} TFLOP, per global "
+        f"step {f['per_global_step'] / 1e12:,.1f} TFLOP"
+        + (f"; checkpointing recomputes {f['recompute_per_image'] / 1e9:,.1f} GFLOP per image more"
+           if f["recompute_per_image"] else ""),
+        f"memory per device ({'sharded over ' + str(est['world']) if est['strategy'] == 'fsdp' else 'replicated'}):"
+        f"       GiB",
+        f"  student weights (fp32 master)        {_gib(m['weights'])}",
+        f"  gradients (fp32)                     {_gib(m['gradients'])}",
+        f"  AdamW moments (fp32, 2 per weight)   {_gib(m['adamw'])}",
+        f"  teacher weights (fp32)               {_gib(m['teacher'])}",
+        f"  {m['extra_name']:<37}{_gib(m['extra'])}",
+        f"  activations, no checkpointing        {_gib(m['activations_full'])}"
+        + ("" if cfg.activation_checkpointing else "   <- this run"),
+        f"  activations, checkpointing           {_gib(m['activations_ckpt'])}"
+        + ("   <- this run" if cfg.activation_checkpointing else ""),
+        f"  prototype logits (DINO + iBOT)       {_gib(m['logits'])}",
+        f"  {'runtime (' + est['device_type'] + ' context, libraries)':<37}{_gib(m['runtime'])}",
+        f"  peak total                           {_gib(m['total'])}",
+        "  (peak = what persists + the larger of: activations + logits at the start of backward, every gradient"
+        + (" + foreach AdamW temporaries" if m["optimizer_transient"] else "") + " at the end)",
+    ]
+    if est["device_type"] == "cuda":
+        lines.append("fits: " + ", ".join(f"{name} {'yes' if m['total'] <= gb * 1e9 else 'no'}"
+                                          for name, gb in GPU_SIZES.items()))
+    else:
+        lines.append(f"(estimated for {est['device_type']} in {est['dtype']}; add --device cuda for a GPU plan)")
+    return "\n".join(lines)
+
+
+def compact_estimate(est):
+    """One line for the start of a real run."""
+    m, f = est["memory"], est["flops"]
+    return (f"plan: {est['params_total'] / 1e6:,.1f}M parameters, {f['per_image'] / 1e9:,.1f} GFLOP per image, "
+            f"memory per device ~{m['total'] / GiB:.1f} GiB (weights {m['weights'] / GiB:.2f}, grads "
+            f"{m['gradients'] / GiB:.2f}, AdamW {m['adamw'] / GiB:.2f}, teacher {m['teacher'] / GiB:.2f}, activations "
+            f"{m['activations'] / GiB:.2f}, logits {m['logits'] / GiB:.2f}); python train.py ... --dry-run for the "
+            f"table")
+
+
+def device_memory(device):
+    """Bytes the device can hold: CUDA its total memory, MPS the recommended working set, CPU the RAM available now
+    (MemAvailable of /proc/meminfo, else physical pages x page size)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    if device.type == "mps":
+        return torch.mps.recommended_max_memory()
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def fits(est, device):
+    """(True, "") when the estimated peak fits the device's memory (a torch.device, or a size in bytes); otherwise
+    (False, advice), the advice naming the flags that would make it fit, each with the total it would give."""
+    capacity = device if isinstance(device, int) else device_memory(device)
+    total = est["memory"]["total"]
+    if total <= capacity:
+        return True, ""
+    cfg, world, dev = est["cfg"], est["world"], est["device_type"]
+    total_of = lambda c, w=world: estimate(c, est["counts"], w, dev)["memory"]["total"]
+    options = []
+
+    def option(text, t):
+        options.append(f"{text} (~{t / GiB:.1f} GiB{', fits' if t <= capacity else ''})")
+
+    if est["strategy"] != "fsdp" and world > 1:
+        option("--strategy fsdp", total_of(dataclasses.replace(cfg, strategy="fsdp")))
+    fsdp = dataclasses.replace(cfg, strategy="fsdp")
+    if dev == "cuda" and total_of(fsdp) > capacity:  # more GPUs shard the state further (more CPU processes on
+        more = next((n for n in (2, 4, 8, 16, 32, 64, 128, 256, 512)  # one machine would not help)
+                     if n > world and total_of(fsdp, n) <= capacity), None)
+        if more:
+            option(f"{more} GPUs with --strategy fsdp", total_of(fsdp, more))
+    ckpt = cfg if cfg.activation_checkpointing else dataclasses.replace(cfg, activation_checkpointing=True)
+    if not cfg.activation_checkpointing:
+        option("--activation-checkpointing", total_of(ckpt))
+    if total_of(ckpt) > capacity and cfg.batch_size > 1:  # the largest batch that fits (memory grows with it)
+        low, high = 0, cfg.batch_size  # low fits (0: nothing tried yet), high does not
+        while high - low > 1:
+            mid = (low + high) // 2
+            low, high = (mid, high) if total_of(dataclasses.replace(ckpt, batch_size=mid)) <= capacity else (low, mid)
+        if low:
+            option(f"--batch-size {low}" + ("" if cfg.activation_checkpointing else " with it"),
+                   total_of(dataclasses.replace(ckpt, batch_size=low)))
+    if not any(o.endswith("fits)") for o in options):  # no single change is enough: combine them
+        both = dataclasses.replace(ckpt, strategy="fsdp")
+        more = next((n for n in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512) if n >= world and
+                     (dev == "cuda" or n == world) and total_of(both, n) <= capacity), None)
+        if more:
+            option(f"{more} {'GPUs' if dev == 'cuda' else 'processes'} with --strategy fsdp "
+                   f"--activation-checkpointing", total_of(both, more))
+        else:
+            options.append("nothing listed here fits: a smaller --arch, --batch-size, --n-prototypes or crops")
+    where = f"{capacity / GiB:.1f} GiB" if isinstance(device, int) else f"{capacity / GiB:.1f} GiB on {device}"
+    advice = (f"the run needs ~{total / GiB:.1f} GiB per device, more than the {where}; "
+              f"try: " + "; ".join(options))
+    return False, advice
+
+
+def dry_run(cfg, counts):
+    """`python train.py --dry-run`: the estimate for cfg.nproc processes (0: torchrun's WORLD_SIZE, else 1) of
+    cfg.device, printed by rank 0; returns 0."""
+    est = estimate(cfg, counts, cfg.nproc or int(os.environ.get("WORLD_SIZE", "1")))
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    print(format_estimate(est))
+    here = resolve_device_type(dataclasses.replace(cfg, device="auto"))
+    if est["device_type"] == here:  # the device this machine has: say whether it fits, and what would
+        ok, advice = fits(est, torch.device(here))
+        print(f"fits this machine's {here}: " + ("yes" if ok else f"no; {advice}"))
+    return 0
