@@ -211,7 +211,10 @@ def run_suite(cfg):
                 entry["skipped"] = skip
                 continue  # the finally clause still records it
             argv = flags + (QUICK + (["--num-workers", "1"] if name == "data" else []) if cfg.quick else [])
-            sub = train.parse_config(BenchConfig, train.PRESETS, argv=argv + ["--device", device.type])
+            try:  # a bad flag is a usage error (SystemExit) in the parser: recorded here like any failure
+                sub = train.parse_config(BenchConfig, train.PRESETS, argv=argv + ["--device", device.type])
+            except SystemExit:
+                raise ValueError(f"invalid flags for this benchmark: {' '.join(argv)}") from None
             if name == "data":
                 entry.update(bench_data(sub))
                 entry.update(bench_loader(sub, device, 2 if cfg.quick else 20))

@@ -107,6 +107,11 @@ def gather_shards(t):
     return torch.cat([part[:n] for part, n in zip(parts, sizes.tolist())])
 
 
+def local_tensor(t):
+    """The local shard of an FSDP2 (DTensor) parameter; a plain tensor is its own shard."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 def barrier():
     if is_dist():
         dist.barrier()

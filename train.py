@@ -6,7 +6,7 @@ code (`dinov2/train/train.py`, `ssl_meta_arch.py`, `configs/ssl_default_config.y
 and data.py first; this file puts them together.
 
 Reading order:
-    Config, PRESETS        every knob, with the paper's recipe per --arch
+    Config, PRESETS        every knob, with the paper's recipe per --arch (and its checks)
     make_schedules         lr, weight decay, teacher momentum, teacher temperature: one value per iteration
     param_groups           layer-wise lr decay, patch-embed lr x0.2, no decay on biases / norms / LayerScale
     SSLModel               backbone + DINO head + iBOT head: the student, and (as an EMA copy) the teacher
@@ -14,9 +14,9 @@ Reading order:
     build_models           student and teacher, on the meta device for big models
     build_data             multi-crop + masking, a world-size-invariant stream of global batches
     Run, train_step        ONE ITERATION: schedules, teacher targets, student, the four terms, update, EMA
-    train, fit             the run: resume, then the loop (step, log, checkpoint); distill.py reuses fit
-    Logger                 metrics.jsonl, the progress bar, the k-NN monitor, the collapse alarm
-    Checkpointer           atomic save / exact resume (torch.distributed.checkpoint), teacher export
+    train, fit             the run: plan, resume, then the loop (step, log, checkpoint); distill.py reuses fit
+The plumbing lives beside it: metrics.py (metrics.jsonl, progress bar, k-NN monitor, collapse alarm, Ctrl-C),
+checkpoint.py (atomic DCP checkpoints, resume, exports), plan.py (parameters, FLOPs, memory per device).
 
 Run:
     python train.py                                   # laptop default: vit_tiny on synthetic images, CPU ok
@@ -25,22 +25,14 @@ Run:
 """
 import contextlib
 import copy
-import dataclasses
-import json
 import math
 import os
-import shutil
-import signal
-import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
-from tqdm import tqdm
 
 import cli
 import distributed
@@ -48,11 +40,12 @@ import plan
 import vit
 from cli import arg
 from data import (DROP_PATH, GlobalBatchSampler, ImageFolderDataset, MaskingGenerator, MultiCropAugmentation,
-                  MultiCropCollate, MultiCropDataset, SkipReport, SyntheticDataset, stream_seed)
-from distributed import barrier, is_dist, print0
-from plan import compute_dtype, flops_per_image, peak_flops, resolve_strategy
-from losses import (CollapseAlarm, DINOHead, SoftmaxCentering, dino_loss, ibot_loss, koleo_loss, sinkhorn_knopp,
-                    teacher_diagnostics)
+                  MultiCropCollate, MultiCropDataset, SyntheticDataset, stream_seed)
+from distributed import barrier, local_tensor, print0
+from checkpoint import Checkpointer
+from metrics import TERMS, Logger, plot_run
+from plan import compute_dtype, resolve_strategy
+from losses import DINOHead, SoftmaxCentering, dino_loss, ibot_loss, koleo_loss, sinkhorn_knopp
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -368,11 +361,6 @@ def init_ssl_model(model):
             head.init_weights()
 
 
-def local_tensor(t):
-    """The local shard of an FSDP2 (DTensor) parameter; a plain tensor is its own shard."""
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
 @torch.no_grad()
 def ema_update(teacher, student, momentum):
     """teacher <- m * teacher + (1 - m) * student, on every parameter (shards under FSDP: same layout on both)."""
@@ -663,7 +651,7 @@ def fit(run):
     ckpt.claim(cfg.resume)  # --no-resume never writes into another run's folder
     start = ckpt.resume(run.student, run.ema, run.optimizer, run.centers, cfg) if cfg.resume else 0
     loader, n_images = build_data(cfg, run.rank, run.world, start, run.device)
-    log = Logger(run, start, n_images, ckpt)
+    log = Logger(run, start, n_images, ckpt, build_monitor(cfg, n_images))  # the monitor runs on every rank
     data = iter(loader)
     run.student_p.train()
     stopping = False
@@ -694,321 +682,10 @@ def fit(run):
 
 
 # -----------------------------------------------------------------------------------------------------------------
-# Logging: the loss terms accumulate on the device; every --log-every steps (and at monitor steps) one host sync
-# reduces them over ranks, checks them, and rank 0 appends a row to metrics.jsonl and updates the progress bar.
-
-TERMS = ("dino_global", "dino_local", "ibot", "koleo")
-
-
-class Logger:
-    def __init__(self, run, start, n_images, ckpt):
-        cfg, self.run, self.ckpt = run.cfg, run, ckpt
-        self.out = Path(cfg.out)
-        self.monitor = build_monitor(cfg, n_images)  # every rank runs it: an FSDP teacher needs all for a forward
-        self.alarm = CollapseAlarm(cfg.n_prototypes, window=max(20, run.total // 10))  # a tenth of the run, >= 20
-        self.knn = None  # the monitor's last k-NN top-1
-        self.flops = flops_per_image(run.student.backbone, cfg) * cfg.batch_size  # per rank and step
-        self.peak = peak_flops(run.device)
-        self.running = torch.zeros(len(TERMS) + 1, device=run.device)  # summed terms + step count (no sync)
-        self.first_bad = torch.full((len(TERMS),), -1, dtype=torch.long, device=run.device)  # per term
-        self.stop = StopRequest()
-        self.skips = SkipReport(cfg.epoch_length, prefix=f"rank {run.rank}: " if run.world > 1 else "",
-                                write=tqdm.write)
-        if run.rank == 0:
-            self.describe(n_images)
-            trim_metrics(self.out / "metrics.jsonl", start)  # keep the history up to the resumed step
-        self.bar = tqdm(total=run.total, initial=start, disable=run.rank != 0, dynamic_ncols=True, desc=run.export)
-        self.t_last = time.perf_counter()
-
-    def describe(self, n_images):
-        run, cfg = self.run, self.run.cfg
-        print(json.dumps(dataclasses.asdict(cfg), indent=1))
-        print(f"changed from the defaults (preset and flags): {cli.changes(cfg)}")
-        print(f"derived: world {run.world}, strategy {run.strategy}, device {run.device}, global batch "
-              f"{cfg.batch_size * run.world}, peak lr {run.sched['lr'].max():.3g}, iterations {run.total}, images "
-              f"{n_images}, train GFLOPs/image {self.flops / cfg.batch_size / 1e9:.2f}", flush=True)
-        if self.monitor is not None:
-            print(f"k-NN monitor: every {cfg.monitor_every} steps, {len(self.monitor.labels[0])} bank images, "
-                  f"{len(self.monitor.labels[1])} queries; raw-pixel k-NN on the same split "
-                  f"{self.monitor.raw_pixels:.1f}%", flush=True)
-
-    def step(self, step, losses, t_cls, norms):
-        """Accumulate this step's terms; at a log step write the row. Returns True when every rank agreed to stop."""
-        run, cfg = self.run, self.run.cfg
-        vals = torch.stack([losses[k].detach().float() for k in TERMS])
-        self.running += torch.cat([vals, vals.new_ones(1)])
-        self.first_bad = torch.where((self.first_bad < 0) & ~torch.isfinite(vals), step, self.first_bad)
-        self.bar.update(1)
-        last = step + 1 == run.total
-        monitor_now = self.monitor is not None and ((step + 1) % cfg.monitor_every == 0 or last)
-        if not ((step + 1) % cfg.log_every == 0 or last or monitor_now or (self.stop.requested and not is_dist())):
-            return False
-        stats = torch.cat([self.running, torch.tensor([float(self.stop.requested)], device=run.device)])
-        if is_dist():
-            dist.all_reduce(stats)  # sums over ranks; a stop asked on any rank stops all of them
-            dist.all_reduce(self.first_bad, op=dist.ReduceOp.MAX)
-        stats, bad = stats.tolist(), self.first_bad.tolist()  # the one host sync per log step
-        if max(bad) >= 0:
-            bad_step, name = min((b, t) for b, t in zip(bad, TERMS) if b >= 0)
-            raise NonFiniteError(f"non-finite loss: term '{name}' at step {bad_step}; nothing was saved after it. "
-                                 f"{self.ckpt.last_good()}")
-        now = time.perf_counter()
-        n_steps = stats[len(TERMS)] / run.world
-        means = {k: stats[i] / stats[len(TERMS)] for i, k in enumerate(TERMS)}
-        # this rank's gradient norms and teacher diagnostics, fetched in one copy
-        *norm_vals, entropy, used, rho = torch.stack([*norms.values(), *teacher_diagnostics(t_cls)]).tolist()
-        teacher_temp = float(run.sched["teacher_temp"][step])
-        row = dict(step=step + 1, loss=sum(means.values()), **means, lr=float(run.sched["lr"][step]),
-                   wd=float(run.sched["wd"][step]), momentum=float(run.sched["momentum"][step]),
-                   teacher_temp=teacher_temp, **dict(zip(norms, norm_vals)), teacher_entropy=entropy,
-                   prototypes_used=int(used), teacher_view_corr=rho,
-                   images_per_s=n_steps * cfg.batch_size * run.world / (now - self.t_last), **self.skips.row())
-        if run.device.type == "cuda":
-            row["peak_mem_gb"] = torch.cuda.max_memory_allocated(run.device) / 2**30
-            if self.peak:
-                row["mfu"] = n_steps * self.flops / (now - self.t_last) / self.peak
-        self.running.zero_()
-        alert = self.alarm.update(step + 1, entropy, int(used), t_cls.shape[0], rho, cfg.student_temp / teacher_temp)
-        if alert:
-            row["alarm"] = alert
-            if run.rank == 0:
-                tqdm.write(alert)
-        if monitor_now:  # after the throughput figure, which it must not count
-            with run.autocast:
-                self.knn = self.monitor(lambda x: run.ema(x)["cls"], run.device)
-            row.update(knn_top1=self.knn, knn_raw_pixels=self.monitor.raw_pixels, monitor_s=time.perf_counter() - now)
-        self.t_last = time.perf_counter()
-        if run.rank == 0:
-            with open(self.out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
-            self.bar.set_postfix(loss=f"{row['loss']:.3f}", dino=f"{means['dino_global'] + means['dino_local']:.3f}",
-                                 ibot=f"{means['ibot']:.3f}", koleo=f"{means['koleo']:.3f}",
-                                 **({} if self.knn is None else {"knn": f"{self.knn:.1f}%"}))
-        return stats[-1] > 0
-
-    def close(self):
-        self.bar.close()
-
-
-# -----------------------------------------------------------------------------------------------------------------
-# Checkpoints: one format for every strategy (torch.distributed.checkpoint: each rank writes its shards), written to
-# a temporary folder then renamed, so a crash mid-save leaves the previous checkpoint intact.
-
-class NonFiniteError(cli.UserError, FloatingPointError):
-    """The run diverged (a loss or a weight is NaN / inf): one `error:` line that names the step and the last good
-    checkpoint. A FloatingPointError for callers that catch that."""
-
-
-class Checkpointer:
-    """Saves that never lie: nothing non-finite is written, a checkpoint is complete or absent (written to .tmp, then
-    renamed), resume takes the newest one that loads, and --no-resume never writes into another run's folder."""
-
-    def __init__(self, out, keep_last, rank):
-        self.out, self.keep_last, self.rank = Path(out), keep_last, rank
-
-    def _folders(self):
-        return sorted(p for p in self.out.glob("ckpt_*") if p.is_dir() and not p.name.endswith(".tmp"))
-
-    def latest(self):
-        """The newest complete checkpoint (DCP metadata and extra.pt both written), or None."""
-        done = [p for p in self._folders() if (p / ".metadata").is_file() and (p / "extra.pt").is_file()]
-        return done[-1] if done else None
-
-    def claim(self, resume):
-        """A fresh run (--no-resume) refuses a folder that already holds a run: its checkpoints, metrics and exports
-        would be mixed with the new run's."""
-        if resume or not self.out.is_dir():
-            return
-        found = [p.name for p in self._folders()] + [p.name for p in sorted(self.out.glob("*.pth"))] + [
-            p.name for p in (self.out / "metrics.jsonl",) if p.is_file()]
-        if found:
-            raise cli.UserError(
-                f"--out {self.out} already holds a run ({', '.join(found[:4])}{', ...' if len(found) > 4 else ''}); "
-                f"--no-resume would mix two runs in one folder: pick another --out, or delete {self.out} first "
-                f"(without --no-resume the run there continues)")
-
-    def resume(self, student, ema, optimizer, centers, cfg):
-        """Load the newest checkpoint that loads, falling back past unreadable ones with a warning; the step to
-        start from (0 without any checkpoint). A checkpoint of another model is an error, not a fallback."""
-        from torch.distributed.checkpoint import CheckpointException  # a BaseException: named apart
-        failed = []
-        for path in reversed(self._folders()):
-            try:
-                step = self.load(path, student, ema, optimizer, centers, cfg)
-            except cli.UserError:
-                raise
-            except (Exception, CheckpointException) as e:  # truncated shard, no extra.pt, torn metadata: go back one
-                why = (str(e).strip().splitlines() or [""])[0][:200]
-                failed.append(path.name)
-                print0(f"warning: checkpoint {path} is incomplete or unreadable ({type(e).__name__}: {why}); "
-                       f"trying the one before it")
-                continue
-            past = f", past the unreadable {', '.join(failed)} (left in place; the next save replaces it)" \
-                if failed else ""
-            print0(f"resumed from {path} at step {step}{past}")
-            return step
-        if failed:
-            raise cli.UserError(f"no checkpoint in {self.out} can be loaded ({', '.join(failed)}); delete them to "
-                                f"start over there, or pick another --out")
-        return 0
-
-    def check_finite(self, step, modules, first_bad=None, terms=()):
-        """Raise NonFiniteError unless every parameter and buffer of `modules` is finite and no loss term was
-        non-finite (first_bad: the first non-finite step per term, -1 if none). The verdict is reduced over ranks,
-        so every rank raises together, before anything is written."""
-        tensors = [local_tensor(t) for m in modules for t in (*m.parameters(), *m.buffers()) if t.is_floating_point()]
-        device = tensors[0].device
-        ok = torch.stack([torch.isfinite(t).all() for t in tensors]).all()  # one value, on the device
-        status = torch.cat([(~ok).long().view(1), (first_bad if first_bad is not None else
-                                                  torch.full((0,), -1, dtype=torch.long, device=device)).long()])
-        if is_dist():
-            dist.all_reduce(status, op=dist.ReduceOp.MAX)
-        status = status.tolist()
-        bad = [(b, t) for b, t in zip(status[1:], terms) if b >= 0]
-        if not bad and not status[0]:
-            return
-        what = f"non-finite loss: term '{min(bad)[1]}' at step {min(bad)[0]}" if bad else \
-            f"non-finite weights after step {step}"
-        raise NonFiniteError(f"{what}; nothing was saved after it. {self.last_good()}")
-
-    def last_good(self):
-        """Where a run that stopped on a non-finite value can start again."""
-        latest = self.latest()
-        advice = "a lower --base-lr or --clip-grad, or another --seed, may avoid the divergence"
-        if latest is None:
-            return f"No checkpoint was saved before it (check --init-from and the data; {advice})"
-        return f"The last good checkpoint is {latest}: the same command resumes from it ({advice})"
-
-    def save(self, step, student, ema, optimizer, centers, cfg, first_bad=None, terms=()):
-        import torch.distributed.checkpoint as dcp
-        self.check_finite(step, [student, ema, *centers.values()], first_bad, terms)  # a bad state is never saved
-        final = self.out / f"ckpt_{step:08d}"
-        tmp = self.out / f"ckpt_{step:08d}.tmp"
-        if self.rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-        barrier()
-        with warnings.catch_warnings():  # one process: DCP warns that it is not distributed, which is intended
-            warnings.simplefilter("ignore", UserWarning)
-            dcp.save(self._state(student, ema, optimizer), checkpoint_id=str(tmp), no_dist=not is_dist())
-        if self.rank == 0:  # small replicated state: step, centres, config
-            torch.save({"step": step, "centers": {k: c.state_dict() for k, c in centers.items()},
-                        "config": dataclasses.asdict(cfg)}, tmp / "extra.pt")
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-            # only complete checkpoints count, and only finite ones were ever saved: pruning keeps good ones
-            done = [p for p in self._folders() if (p / "extra.pt").is_file()]
-            for old in done[:-self.keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
-        barrier()
-        return final
-
-    def _state(self, student, ema, optimizer):
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
-        s_model, s_optim = get_state_dict(student, optimizer)
-        return {"student": s_model, "optimizer": s_optim, "ema": get_model_state_dict(ema)}
-
-    def load(self, path, student, ema, optimizer, centers, cfg):
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
-        extra_path = Path(path) / "extra.pt"
-        if not extra_path.exists():
-            raise RuntimeError(f"{path} is not a complete checkpoint (no extra.pt)")
-        extra = torch.load(extra_path, map_location="cpu", weights_only=True)  # step, centres, config: plain data
-        saved = extra["config"]
-        shape_fields = ("arch", "patch_size", "num_registers", "ffn", "n_prototypes", "head_hidden_dim",
-                        "head_bottleneck_dim", "separate_ibot_head", "ibot_n_prototypes", "ibot_bottleneck_dim")
-        diff = {k: (saved.get(k), getattr(cfg, k)) for k in shape_fields if saved.get(k) != getattr(cfg, k)}
-        if diff:
-            raise cli.UserError(f"checkpoint {path} was trained with a different model: {diff} (saved, now); "
-                                f"use the saved flags or another --out")
-        state = self._state(student, ema, optimizer)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            dcp.load(state, checkpoint_id=str(path), no_dist=not is_dist())
-        set_state_dict(student, optimizer, model_state_dict=state["student"], optim_state_dict=state["optimizer"])
-        set_model_state_dict(ema, state["ema"])
-        for k, c in centers.items():
-            c.load_state_dict(extra["centers"][k])
-        return extra["step"]
-
-    def export(self, model, cfg, name="teacher", step=None):
-        """<name>.pth (backbone + heads + config, what distill.py reads) and <name>_backbone.pth (the released hub
-        layout, what vit.from_pretrained, evaluate.py and the released code read). Never a non-finite model."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-        self.check_finite(step, [model])
-        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if self.rank == 0:
-            backbone = {k[len("backbone."):]: v for k, v in full.items() if k.startswith("backbone.")}
-            atomic_save(backbone, self.out / f"{name}_backbone.pth")
-            atomic_save({"model": full, "config": dataclasses.asdict(cfg)}, self.out / f"{name}.pth")
-        barrier()
-
-
-def trim_metrics(path, step):
-    """Keep metrics.jsonl's rows up to `step` (the resumed one); a torn line (a kill mid-write) is dropped, with a
-    warning, instead of stopping the run."""
-    path = Path(path)
-    if not path.exists():
-        return
-    rows, torn = [], 0
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line) if line.strip() else None
-        except json.JSONDecodeError:
-            row = None
-        if isinstance(row, dict) and isinstance(row.get("step"), int):
-            if row["step"] <= step:
-                rows.append(line)
-        elif line.strip():
-            torn += 1
-    if torn:
-        print(f"warning: {path}: dropped {torn} unreadable line(s) (a run killed while writing?)")
-    atomic_write_text(path, "".join(r + "\n" for r in rows))
-
-
-def atomic_write_text(path, text):
-    tmp = Path(str(path) + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def atomic_save(obj, path):
-    tmp = Path(str(path) + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-# -----------------------------------------------------------------------------------------------------------------
-# Ctrl-C, the loss plot.
-
-class StopRequest:
-    """Ctrl-C / SIGTERM: finish the current step, save, exit. A second Ctrl-C stops at once."""
-
-    def __init__(self):
-        self.requested = False
-        self.pid = os.getpid()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        if os.getpid() != self.pid:  # a DataLoader worker (forked with this handler): the main process decides
-            return
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print0("\nstop requested: saving a checkpoint after this step (Ctrl-C again to quit now)")
-
 
 def to_device(batch, device):
     return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
-
-def plot_run(out):
-    try:
-        from visualize import plot_curves
-        plot_curves(out, out / "loss.png")
-    except Exception as e:  # a plot must never cost a finished run
-        print(f"(no loss plot: {e})")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import torch
 
 import cli
 import distill
+import metrics
 import train
 import vit
 from test_train import TINY, load_checkpoint
@@ -180,7 +181,7 @@ def test_user_errors_of_train_and_distill_are_one_line(finished, tmp_path, capsy
 def test_stop_request_is_handled_by_the_main_process_only(capsys):
     old = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        stop = train.StopRequest()
+        stop = metrics.StopRequest()
         stop.pid = -1  # as seen from a forked DataLoader worker
         stop._handle(signal.SIGINT, None)
         assert not stop.requested and capsys.readouterr().out == ""
