@@ -44,6 +44,7 @@ from tqdm import tqdm
 import cli
 import distributed
 from cli import arg
+from data import to_tensor
 from distributed import gather_shards, is_dist, pick_device, print0, rank_world
 from knn import ShardedKNN, hierarchical_kmeans, knn, shard_range
 
@@ -197,20 +198,15 @@ def retrieve_from_clusters(seed_emb, centroids, assignments, m, seed=0, **knn_kw
 # ---------------------------------------------------------------------------------------------------------------
 
 def load_backbone(weights="", arch="vit_small"):
-    """The frozen feature extractor: vit.from_pretrained(weights), or a random `arch` (with a warning) if none."""
-    from vit import build_model, from_pretrained  # imported here: the kNN / clustering half needs no ViT
-    if weights:
-        model = from_pretrained(weights)
-    else:
+    """The frozen feature extractor (evaluate.load_backbone, on the CPU until embed moves it): the weights, or a random
+    `arch` with a warning if none."""
+    from evaluate import load_backbone as load  # imported here: the kNN / clustering half needs no ViT
+    if not weights:
         warnings.warn(f"no --weights: embedding with a RANDOMLY initialised {arch}. The pipeline runs, but its "
                       "neighbours, duplicates and clusters mean little; pass a trained backbone.", stacklevel=2)
-        with torch.random.fork_rng():  # the same random model in every process, without touching the caller's RNG
-            torch.manual_seed(0)
-            # No LayerScale: at its 1e-5 init every block is close to the identity and the cls token comes out
-            # the same for every image, so not even duplicates could be told apart.
-            model = build_model(arch, init_values=None)
-    model.requires_grad_(False)
-    return model.eval()
+    # No LayerScale in the random network: at its 1e-5 init every block is close to the identity and the cls token
+    # comes out the same for every image, so not even duplicates could be told apart.
+    return load(weights or None, arch, torch.device("cpu"), random_init=not weights, img_size=224, layerscale=None)
 
 
 class _Images(torch.utils.data.Dataset):
@@ -221,9 +217,7 @@ class _Images(torch.utils.data.Dataset):
     """
 
     def __init__(self, items, size):
-        from data import IMAGENET_MEAN, IMAGENET_STD
         self.items, self.size = items, size
-        self.mean, self.std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
 
     def __len__(self):
         return len(self.items)
@@ -240,8 +234,7 @@ class _Images(torch.utils.data.Dataset):
         # NOTE(deviation): a plain square resize (the whole image, aspect not kept) instead of the usual resize +
         # centre crop, so that a duplicate's borders are compared too.
         img = img.resize((self.size, self.size), Image.Resampling.BICUBIC)
-        x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)  # (3, size, size)
-        return (x - self.mean) / self.std, ok
+        return to_tensor(img), ok  # (3, size, size), normalised as every other input of the project
 
 
 def _fingerprint(items, model_tag, size) -> str:
@@ -407,10 +400,18 @@ class CurateConfig:
 
 
 def _cluster_sizes(n, cfg) -> list:
-    if cfg.clusters != "auto":
-        return [int(k) for k in cfg.clusters.split(",")]
-    k1 = max(2, math.ceil(n / 10))
-    return [k1, max(2, round(math.sqrt(k1)))]
+    """Clusters per level: --clusters, each level at most the level below it (the images, then the clusters)."""
+    if cfg.clusters == "auto":
+        k1 = max(2, math.ceil(n / 10))
+        return [k1, max(2, round(math.sqrt(k1)))]
+    ks, below = [], n
+    for k in (int(k) for k in cfg.clusters.split(",")):
+        if k > below:
+            print0(f"note: --clusters asks for {k} clusters of {below} {'images' if not ks else 'clusters'}: "
+                   f"using {below}")
+        ks.append(min(k, below))
+        below = ks[-1]
+    return ks
 
 
 def curate(pool_emb, seed_emb=None, exclude_emb=None, cfg=None, pool_copy_emb=None, progress=True):
@@ -528,6 +529,10 @@ def parse_args(argv=None) -> CurateConfig:
     if not cfg.pool:
         cli.build_parser(CurateConfig, __doc__).error("--pool is required (python curate_demo.py runs on a "
                                                       "synthetic pool)")
+    for name in ("pool", "seeds", "exclude", "weights"):
+        path = getattr(cfg, name)
+        if path and not os.path.exists(path):
+            raise cli.MissingFile(f"--{name} {path}: no such file or folder")
     return cfg
 
 

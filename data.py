@@ -12,7 +12,7 @@ Public names, in reading order:
     MaskingGenerator                                       random rectangular blocks on the patch grid
     MultiCropCollate                                       a rank's slice of a global batch, with its iBOT masks
     ImageFolderDataset                                     folder / class sub-folders / .txt list of paths
-    SyntheticDataset, SYNTHETIC_SHAPES                     drawn objects with labels and foreground masks
+    SyntheticDataset, SYNTHETIC_SHAPES                     (synthetic.py) drawn shapes, labels and masks
     stream_seed, seeded                                    the one seed formula: (seed, purpose, position)
     GlobalBatchSampler, MultiCropDataset                   the training stream: global batches cut into rank
                                                            slices, every draw seeded by stream position
@@ -26,7 +26,6 @@ of its place in the stream alone, whatever the number of ranks and DataLoader wo
 Run `python data.py` to print the masking statistics (200 batches of 64 images, 16x16 grid) and the augmentation
 speed (images/s for one worker, the full 2 x 224 + 8 x 98 pipeline on a 500x375 photo-sized JPEG).
 """
-import colorsys
 import contextlib
 import functools
 import io
@@ -39,7 +38,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageOps
+from PIL import Image, ImageEnhance, ImageFilter, ImageOps
+
+from synthetic import SYNTHETIC_SHAPES, SyntheticDataset  # noqa: F401  (data.SyntheticDataset, as before)
 
 import cli
 from cli import MissingFile, UserError, arg
@@ -378,7 +379,7 @@ def _is_image_name(name: str) -> bool:
     return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def _images_under(folder: str) -> list:
+def images_under(folder: str) -> list:
     """Image files below `folder`, recursively, in a deterministic (sorted) order; hidden entries skipped."""
     found = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
@@ -434,12 +435,12 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         if subdirs and not top_images:
             samples, classes = [], []
             for d in subdirs:
-                files = _images_under(os.path.join(root, d))
+                files = images_under(os.path.join(root, d))
                 if files:  # an empty sub-folder is not a class
                     samples += [(f, len(classes)) for f in files]
                     classes.append(d)
             return samples, classes
-        return [(f, 0) for f in _images_under(root)], [os.path.basename(os.path.abspath(root))]
+        return [(f, 0) for f in images_under(root)], [os.path.basename(os.path.abspath(root))]
 
     @staticmethod
     def _read_list(list_path):
@@ -510,122 +511,6 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         bad = sorted(self.samples[i][0] for i in self._bad)
         return (f"{type(self).__name__}({self.root}): {len(self)} files, {len(self.classes)} classes, "
                 f"{self.n_skipped} unreadable so far in this process" + (f" (first: {bad[0]})" if bad else ""))
-
-
-SYNTHETIC_SHAPES = ("circle", "square", "triangle", "cross", "ring", "star", "ellipse", "crescent", "arrow",
-                    "semicircle")
-
-
-def _shape_parts(name: str) -> list:
-    """A shape as [(vertices (P, 2) in a unit disc, fill)]: fill 255 draws the object, 0 cuts a hole."""
-    def disc(r=1.0, cx=0.0, cy=0.0, sx=1.0, sy=1.0, start=0.0, span=2 * math.pi):
-        t = start + np.linspace(0, span, 48, endpoint=False)
-        return np.stack([cx + r * sx * np.cos(t), cy + r * sy * np.sin(t)], 1)
-
-    if name == "circle":
-        return [(disc(), 255)]
-    if name == "square":
-        return [(disc(start=math.pi / 4)[::12], 255)]  # 4 of the 48 points: a square in the disc
-    if name == "triangle":
-        return [(disc(start=math.pi / 2)[::16], 255)]
-    if name == "cross":
-        a, b = 0.3, 0.95
-        return [(np.array([(-a, -b), (a, -b), (a, -a), (b, -a), (b, a), (a, a), (a, b), (-a, b), (-a, a),
-                           (-b, a), (-b, -a), (-a, -a)]), 255)]
-    if name == "ring":
-        return [(disc(), 255), (disc(0.55), 0)]
-    if name == "star":
-        t = np.linspace(0, 2 * math.pi, 10, endpoint=False) - math.pi / 2
-        r = np.where(np.arange(10) % 2 == 0, 1.0, 0.5)
-        return [(np.stack([r * np.cos(t), r * np.sin(t)], 1), 255)]
-    if name == "ellipse":
-        return [(disc(sy=0.5), 255)]
-    if name == "crescent":
-        return [(disc(), 255), (disc(0.85, cx=0.45), 0)]
-    if name == "arrow":
-        return [(np.array([(-1, -0.25), (0.2, -0.25), (0.2, -0.6), (1, 0), (0.2, 0.6), (0.2, 0.25),
-                           (-1, 0.25)], dtype=float), 255)]
-    if name == "semicircle":
-        return [(np.concatenate([disc(span=math.pi), [(-1.0, 0.0)]]), 255)]
-    raise ValueError(f"unknown shape {name!r}")
-
-
-def _draw_shape(name, size, center, radius, angle) -> Image.Image:
-    """An 'L' mask (255 = object) of one shape, rotated by `angle` and scaled so its unit disc has `radius`."""
-    mask = Image.new("L", (size, size), 0)
-    draw = ImageDraw.Draw(mask)
-    rot = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
-    for vertices, fill in _shape_parts(name):
-        xy = vertices @ rot.T * radius + np.asarray(center)  # (P, 2) in pixels
-        draw.polygon([tuple(p) for p in xy.tolist()], fill=fill)
-    return mask
-
-
-class SyntheticDataset(torch.utils.data.Dataset):
-    """One object per image on a textured background, drawn on the fly; needs no download.
-
-    Class c is a shape, SYNTHETIC_SHAPES[c], and nothing else: its colour, size, position, rotation and the
-    background are drawn independently of the class, so no shortcut reaches the label and a feature that classifies
-    these images has learned shapes. Objects are saturated and span 50-90 % of the image side (never cut by the
-    border); backgrounds are muted (low saturation) noise, stripes or gradients, so the foreground is visually
-    distinct. Labels are i % n_classes (balanced). Everything is a function of (seed, index): sample(i) is the same
-    in every process and every epoch.
-    """
-
-    def __init__(self, n=1024, size=224, n_classes=8, seed=0, transform=None):
-        if not 1 <= n_classes <= len(SYNTHETIC_SHAPES):
-            raise ValueError(f"n_classes must be between 1 and {len(SYNTHETIC_SHAPES)} (one shape per class), "
-                             f"got {n_classes}")
-        self.n, self.size, self.n_classes, self.seed, self.transform = n, size, n_classes, seed, transform
-        self.classes = list(SYNTHETIC_SHAPES[:n_classes])
-        self.targets = [i % n_classes for i in range(n)]
-
-    def __len__(self):
-        return self.n
-
-    def _background(self, rng) -> np.ndarray:
-        """(size, size, 3) float background in 0..255: a mix of two muted colours along a texture field."""
-        s = self.size
-        y, x = np.mgrid[0:s, 0:s].astype(np.float32) / s
-        kind = rng.integers(3)
-        if kind == 0:    # smooth noise: a coarse random grid upsampled bicubically
-            k = int(rng.integers(3, 9))
-            coarse = Image.fromarray(rng.random((k, k), dtype=np.float32))  # mode F
-            t = np.asarray(coarse.resize((s, s), Image.Resampling.BICUBIC)).clip(0, 1)
-        elif kind == 1:  # stripes at a random angle and period
-            a, period = rng.uniform(0, math.pi), rng.uniform(1 / 12, 1 / 4)
-            t = 0.5 + 0.5 * np.sin(2 * math.pi * (x * math.cos(a) + y * math.sin(a)) / period + rng.uniform(0, 6.3))
-        else:            # linear gradient at a random angle
-            a = rng.uniform(0, 2 * math.pi)
-            t = x * math.cos(a) + y * math.sin(a)
-            t = (t - t.min()) / (t.max() - t.min() + 1e-6)
-        c0, c1 = (np.array(colorsys.hsv_to_rgb(rng.random(), rng.uniform(0, 0.3), rng.uniform(0.25, 0.85))) * 255
-                  for _ in range(2))
-        return c0 * (1 - t[..., None]) + c1 * t[..., None]
-
-    def sample(self, i):
-        """(PIL RGB image, label, foreground mask (size, size) bool) of sample i."""
-        if not 0 <= i < self.n:
-            raise IndexError(f"index {i} out of range for {self.n} samples")
-        rng = np.random.default_rng((self.seed, i))
-        label = self.targets[i]
-        shape = SYNTHETIC_SHAPES[label]
-        # The radius of the shape's unit disc, its centre and angle: the same distributions for every class (drawing
-        # an *area* instead would make thin shapes smaller on average, a size shortcut to the label).
-        radius = rng.uniform(0.25, 0.45) * self.size
-        center = rng.uniform(radius, self.size - radius, size=2)
-        mask_img = _draw_shape(shape, self.size, center, radius, rng.uniform(0, 2 * math.pi))
-        fg = np.asarray(mask_img) > 0
-        hue = rng.random()
-        color = np.array(colorsys.hsv_to_rgb(hue, rng.uniform(0.65, 1.0), rng.uniform(0.65, 1.0))) * 255
-        pixels = np.where(fg[..., None], color, self._background(rng))
-        pixels += rng.integers(-8, 9, size=pixels.shape)  # a little sensor-like noise on everything
-        img = Image.fromarray(pixels.clip(0, 255).astype(np.uint8))  # mode RGB
-        return img, label, fg
-
-    def __getitem__(self, i):
-        img, label, _ = self.sample(i)
-        return (self.transform(img) if self.transform is not None else img), label
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -718,10 +603,6 @@ class MultiCropDataset(torch.utils.data.Dataset):
             return pos, (self.augment(image), label), skipped
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# `python data.py`: masking statistics and augmentation speed
-# ---------------------------------------------------------------------------------------------------------------
-
 class SkipReport:
     """The unreadable files the training stream skipped, reported by the main process (the DataLoader workers that
     meet them only log them, see MultiCropDataset): the first `name_limit` files named as they are met, then at the
@@ -748,6 +629,10 @@ class SkipReport:
     def row(self) -> dict:
         return {"skipped_files": len(self.files)}
 
+
+# ---------------------------------------------------------------------------------------------------------------
+# `python data.py`: masking statistics and augmentation speed
+# ---------------------------------------------------------------------------------------------------------------
 
 @dataclass
 class DataCheckConfig:

@@ -41,6 +41,8 @@ from tqdm import tqdm
 import cli
 import data
 import vit
+from data import to_tensor
+from distributed import pick_device, print0, rank_world
 from cli import MissingFile, UserError, arg
 from knn import ShardedKNN, shard_range
 
@@ -51,15 +53,6 @@ DEFAULT_WEIGHTS = Path("runs/train/teacher_backbone.pth")
 # The frozen backbone
 
 
-def pick_device() -> torch.device:
-    """cuda if available, else mps, else cpu (under torchrun: this rank's GPU)."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
 def _freeze(model: nn.Module, device) -> nn.Module:
     model.to(device).eval()
     model.requires_grad_(False)  # frozen features: nothing here ever needs a gradient of the backbone
@@ -67,19 +60,23 @@ def _freeze(model: nn.Module, device) -> nn.Module:
 
 
 def load_backbone(weights=None, arch: str = "vit_tiny", device=None, random_init: bool = False,
-                  img_size: int = 112, seed: int = 0) -> nn.Module:
+                  img_size: int = 112, seed: int = 0, layerscale: float | None = 1e-5) -> nn.Module:
     """The frozen backbone to evaluate, in eval mode, without gradients.
 
     weights: a backbone file in any layout vit.from_pretrained understands (hub, train.py, training checkpoint);
     None -> runs/train/teacher_backbone.pth, the output of `python train.py`.
-    random_init: a randomly initialised `arch` instead (the baseline every number should be compared with).
+    random_init: a randomly initialised `arch` instead (the baseline every number should be compared with), with
+    LayerScale at `layerscale` (None: no LayerScale), the same network on every rank and every call for one seed.
+    The one loader of frozen backbones: evaluate.py, visualize.py and curate.py use it.
     """
     device = device or pick_device()
     if random_init:
         if weights is not None:
             raise UserError("pass either --weights or --random, not both")
-        torch.manual_seed(seed)  # every rank must build the same random network
-        return _freeze(vit.build_model(arch, img_size=round_to_patch(img_size, 14)), device)  # patch 14: the default
+        with torch.random.fork_rng(devices=[]):  # every rank builds the same network; the caller's RNG untouched
+            torch.manual_seed(seed)
+            model = vit.build_model(arch, img_size=round_to_patch(img_size, 14), init_values=layerscale)  # patch 14
+        return _freeze(model, device)
     if weights is None:
         if not DEFAULT_WEIGHTS.is_file():
             raise MissingFile(
@@ -141,13 +138,6 @@ def round_to_patch(size: int, patch: int) -> int:
     return max(patch, int(round(size / patch)) * patch)
 
 
-def to_tensor(img: Image.Image) -> torch.Tensor:
-    """PIL RGB -> float32 (3, H, W) normalised with the ImageNet mean and std (as every DINOv2 eval)."""
-    x = torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0)  # (H, W, 3)
-    mean, std = torch.tensor(data.IMAGENET_MEAN), torch.tensor(data.IMAGENET_STD)
-    return ((x - mean) / std).permute(2, 0, 1).contiguous()  # (3, H, W)
-
-
 @dataclass
 class EvalTransform:
     """Released eval transform: Resize(size*256/224, bicubic) on the shorter side, CenterCrop(size), normalise.
@@ -177,15 +167,9 @@ class EvalTransform:
 # Feature extraction
 
 
-def _dist_info():
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def _gather_in_order(local: torch.Tensor, n_total: int) -> torch.Tensor:
     """Rank r holds the rows r, r+world, r+2*world, ...; return all n_total rows in dataset order on every rank."""
-    rank, world = _dist_info()
+    rank, world = rank_world()
     if world == 1:
         return local
     per_rank = math.ceil(n_total / world)  # shards differ by at most one row: pad them to one size for all_gather
@@ -213,7 +197,7 @@ def extract_features(model: nn.Module, dataset, batch_size: int = 64, device=Non
     """
     device = device or next(model.parameters()).device
     device = torch.device(device)
-    rank, world = _dist_info()
+    rank, world = rank_world()
     n_last_blocks = min(n_last_blocks, model.n_blocks)
     shard = torch.utils.data.Subset(dataset, range(rank, len(dataset), world))
     loader = torch.utils.data.DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=num_workers)
@@ -274,7 +258,7 @@ def knn_classify(train_feats: torch.Tensor, train_labels: torch.Tensor, test_fea
     (a call made on one rank only) searches all train features locally.
     """
     device = torch.device(device) if device is not None else test_feats.device
-    rank, world = _dist_info() if shard else (0, 1)
+    rank, world = rank_world() if shard else (0, 1)
     start, end = shard_range(len(train_feats), rank, world)
     local = F.normalize(train_feats[start:end].float().to(device), dim=1)  # (Ntr / world, D) this rank's shard
     train = ShardedKNN(local, start, len(train_feats), local=not shard)
@@ -577,11 +561,6 @@ def parse_config(argv=None) -> EvalConfig:
     return cfg
 
 
-def _print0(*args):
-    if _dist_info()[0] == 0:
-        print(*args, flush=True)
-
-
 def _format_table(res: dict) -> str:
     rows = []
     for name in ("backbone", "random_baseline", "raw_pixels"):
@@ -612,7 +591,7 @@ def evaluate_model(model, train_set, val_set, n_classes: int, cfg: EvalConfig, s
     # every rank: the k-NN shards the train features over the ranks (released `dinov2/eval/knn.py`)
     knn = knn_accuracy(train["cls"], train["labels"], val["cls"], val["labels"], n_classes, cfg.ks, cfg.temperature,
                        device=device)
-    if _dist_info()[0] != 0:
+    if rank_world()[0] != 0:
         return None
     res = dict(knn={str(k): v for k, v in knn.items()})
     if linear:
@@ -636,7 +615,7 @@ def main(argv=None) -> dict | None:
     size = cfg.size or run.get("global_size", 224)  # features are read at the resolution they were trained at
     synthetic_size = run.get("synthetic_size", 128)
     baseline = cfg.baseline if cfg.baseline is not None else (synthetic and not cfg.random)
-    _print0(f"config: {asdict(cfg)}\nderived: device={device} size={size} baseline={baseline}")
+    print0(f"config: {asdict(cfg)}\nderived: device={device} size={size} baseline={baseline}")
 
     model = load_backbone(cfg.weights, cfg.arch, device, random_init=cfg.random, img_size=size, seed=cfg.seed)
     size = round_to_patch(size, model.patch_size)
@@ -660,7 +639,7 @@ def main(argv=None) -> dict | None:
     results = {"config": asdict(cfg), "size": size, "n_classes": n_classes, "weights": weights}
     # The floor: the same k-NN on raw pixels (28 x 28, mean removed), on the same images
     raw = {}
-    if _dist_info()[0] == 0:
+    if rank_world()[0] == 0:
         for name, ds in (("train", train_set), ("val", val_set)):
             transform, ds.transform = ds.transform, None
             raw[name] = raw_pixel_features(ds, crop=not synthetic)
@@ -679,7 +658,7 @@ def main(argv=None) -> dict | None:
                              name="random")
         if res is not None:
             results["random_baseline"] = dict(model="random init, same arch", **res)
-    if _dist_info()[0] == 0:
+    if rank_world()[0] == 0:
         print(_format_table(results))
         if cfg.json:
             Path(cfg.json).parent.mkdir(parents=True, exist_ok=True)

@@ -37,10 +37,10 @@ from PIL import Image  # noqa: E402
 import cli  # noqa: E402
 import data  # noqa: E402
 from cli import UserError, arg  # noqa: E402
-from evaluate import (border_mask, first_principal_component, load_backbone, pick_device,  # noqa: E402
-                      round_to_patch, to_tensor)
+from data import to_tensor  # noqa: E402
+from distributed import pick_device  # noqa: E402
+from evaluate import border_mask, first_principal_component, load_backbone, round_to_patch  # noqa: E402
 
-IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 LOSS_TERMS = ("dino_global", "dino_local", "ibot", "koleo")  # metric names of train.py's loss terms
 
 
@@ -61,7 +61,7 @@ def collect_images(inputs) -> list:
     paths = []
     for item in map(Path, inputs):
         if item.is_dir():
-            paths += sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_EXTS)
+            paths += [Path(p) for p in data.images_under(str(item))]  # the image finder of the training data
         elif item.exists():
             paths.append(item)  # an explicit file is tried whatever its extension
         else:

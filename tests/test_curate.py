@@ -143,10 +143,23 @@ def test_end_to_end_on_the_synthetic_pool(tmp_path):
     assert (tmp_path / "out" / "clusters.png").stat().st_size > 0
 
 
-def test_cli_rejects_unknown_flags_and_needs_a_pool():
+def test_cli_rejects_unknown_flags_and_needs_a_pool(tmp_path, capsys):
     with pytest.raises(SystemExit):
         curate.parse_args(["--pool", "x", "--no-such-flag", "1"])
     with pytest.raises(SystemExit):
         curate.parse_args([])
-    cfg = curate.parse_args(["--pool", "p", "--retrieve-k", "8", "--target", "1000"])
+    cfg = curate.parse_args(["--pool", str(tmp_path), "--retrieve-k", "8", "--target", "1000"])
     assert cfg.retrieve_k == 8 and cfg.target == 1000.0
+    # issue 12: out-of-range flags are usage errors naming the flag; a missing folder is a MissingFile naming it
+    for flag, value in (("--chunk-size", "0"), ("--target", "-5"), ("--dedup-threshold", "1.5"), ("--clusters", "x")):
+        with pytest.raises(SystemExit) as e:
+            curate.parse_args(["--pool", str(tmp_path), flag, value])
+        assert e.value.code == 2 and flag in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError, match="--pool .*nowhere"):
+        curate.parse_args(["--pool", str(tmp_path / "nowhere")])
+
+
+def test_clusters_are_capped_by_the_level_below_with_a_note(capsys):
+    cfg = curate.CurateConfig(pool="p", clusters="1000,50")
+    assert curate._cluster_sizes(12, cfg) == [12, 12]
+    assert "asks for 1000 clusters of 12 images" in capsys.readouterr().out

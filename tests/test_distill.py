@@ -7,7 +7,7 @@ import torch
 
 import distill
 import train
-from test_train import TINY, load_checkpoint, run_script
+from conftest import TINY, load_checkpoint, run_script
 
 # the teacher is a TINY train.py run; the student copies its heads and crops (FROM_TEACHER) and needs no flags for them
 STUDENT = ["--batch-size", "4", "--epochs", "1", "--epoch-length", "4", "--warmup-epochs", "0.5",

@@ -13,7 +13,7 @@ import distill
 import metrics
 import train
 import vit
-from test_train import TINY, load_checkpoint
+from conftest import TINY, load_checkpoint
 
 QUIET = TINY + ["--monitor-every", "0"]  # no k-NN monitor: these tests are about files, not features
 

@@ -20,15 +20,11 @@ from torch.overrides import TorchFunctionMode
 
 import bench
 import losses
+from conftest import ROOT, TINY_MODEL
 import plan
 import train
 import vit
 
-ROOT = Path(__file__).resolve().parents[1]
-# A tiny run: every loss term, masking, local crops, untied heads (the flags of tests/test_train.py)
-TINY = ["--patch-size", "14", "--global-size", "56", "--local-size", "28", "--n-local", "2", "--batch-size", "4",
-        "--n-prototypes", "64", "--ibot-n-prototypes", "64", "--head-hidden-dim", "64", "--head-bottleneck-dim", "32",
-        "--ibot-bottleneck-dim", "32", "--synthetic-images", "64", "--synthetic-size", "64", "--num-workers", "0"]
 CPU = torch.device("cpu")
 
 
@@ -106,7 +102,7 @@ def test_loss_functions_compute_in_fp32_under_bf16_autocast():
 
 
 def test_bf16_step_keeps_losses_fp32_and_matches_fp32():
-    short = TINY + ["--depth", "2"]  # bf16 matmuls are slow on a CPU without AMX
+    short = TINY_MODEL + ["--depth", "2"]  # bf16 matmuls are slow on a CPU without AMX
     cfg, run, batch = tiny_setup(short + ["--dtype", "bf16"])
     with DtypeLog() as log:  # the whole step: bf16 autocast is the run's (train.autocast_for)
         terms, t_cls, _ = train.train_step(run, batch, 0)
@@ -213,7 +209,7 @@ dist.destroy_process_group()
 
 
 def test_fsdp_bf16_policy_matches_fp32_with_fp32_reduction(tmp_path):
-    dist_flags = TINY + ["--koleo-weight", "0", "--drop-path", "0"]  # KoLeo is per rank; drop path draws per rank
+    dist_flags = TINY_MODEL + ["--koleo-weight", "0", "--drop-path", "0"]  # KoLeo is per rank; drop path draws per rank
     per_rank = dist_flags.copy()
     per_rank[per_rank.index("--batch-size") + 1] = "2"  # 2 ranks x 2 = the global batch of 4 below
     script = tmp_path / "fsdp_bf16.py"

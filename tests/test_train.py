@@ -6,51 +6,14 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 import train
+from conftest import ROOT, TINY, load_checkpoint, run_script
 from train import Config, make_schedules, param_groups
-
-ROOT = Path(__file__).resolve().parents[1]
-
-# A tiny but complete run: every loss term, masking, local crops, untied heads, checkpoints every 2 steps.
-TINY = ["--patch-size", "14", "--global-size", "56", "--local-size", "28", "--n-local", "2", "--batch-size", "4",
-        "--n-prototypes", "64", "--ibot-n-prototypes", "64", "--head-hidden-dim", "64", "--head-bottleneck-dim", "32",
-        "--ibot-bottleneck-dim", "32", "--synthetic-images", "64", "--synthetic-size", "64", "--epochs", "1",
-        "--epoch-length", "4", "--warmup-epochs", "0.5", "--freeze-last-layer-epochs", "0.25", "--num-workers", "0",
-        "--log-every", "1", "--save-every", "2", "--teacher-temp", "0.07", "--warmup-teacher-temp-epochs", "0.5"]
-
-
-def load_checkpoint(path):
-    """A torch.distributed.checkpoint folder as one flat dict of tensors (independent of train.py's loading code)."""
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-    out = Path(str(path) + ".pt")
-    if not out.exists():
-        dcp_to_torch_save(str(path), str(out))
-    flat = {}
-
-    def walk(prefix, obj):
-        if isinstance(obj, dict):
-            for k, v in obj.items():
-                walk(f"{prefix}.{k}" if prefix else str(k), v)
-        elif torch.is_tensor(obj):
-            flat[prefix] = obj
-    walk("", torch.load(out, weights_only=False))
-    return flat
-
-
-def run_script(args, nproc=1, timeout=240, script="train.py"):
-    """Run a script as a user would, in a subprocess with a timeout, so that a hung collective fails the test."""
-    cmd = [sys.executable, script] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.run(cmd + args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    return proc
-
 
 # ------------------------------------------------------------------------------------------------------------------
 # Schedules and parameter groups: the numbers of the released ssl_default_config (global batch 1024 -> peak lr 0.004)
