@@ -146,8 +146,8 @@ def estimate(cfg, counts, world=None, device_type=None):
 
     # --- prototype logits (losses.py computes in fp32). At the end of the loss forward the heads' logits (act bytes)
     # and log_softmax's fp32 output are alive for the student, logits and fp32 targets for the teacher, plus one
-    # fp32 product; once the loss terms are computed only what autograd saved is left (log_softmax outputs, targets), and
-    # backward adds two fp32 gradients of the largest block at a time. The peak is the larger of the two moments.
+    # fp32 product; once the loss terms are computed only what autograd saved is left (log_softmax outputs, targets),
+    # and backward adds two fp32 gradients of the largest block at a time. The peak is the larger of the two moments.
     student_el = (2 + L) * B * K + masked * K_ibot  # logit elements: the cls of every crop, the masked patches
     teacher_el = 2 * B * K + masked * K_ibot
     largest = max(2 * B * K, L * B * K, masked * K_ibot)

@@ -112,7 +112,7 @@ class Config:
     # system
     strategy: str = arg("auto", "auto | none | ddp | fsdp (auto: none on one process, fsdp above 200M params else ddp)")
     compile: bool = arg(False, "torch.compile each transformer block")
-    dtype: str = arg("auto", "compute precision: auto (bf16 on CUDA, fp32 elsewhere) | bf16 | fp32; fp32 master weights")
+    dtype: str = arg("auto", "compute precision, master weights fp32: auto (bf16 on CUDA, else fp32) | bf16 | fp32")
     activation_checkpointing: bool = arg(False, "recompute blocks in backward (for vit_l / vit_g)")
     meta_init: bool | None = arg(None, "FSDP: build on the meta device, init after sharding (default: vit_l / vit_g)")
     device: str = arg("auto", "auto | cpu | cuda | mps")
@@ -155,7 +155,8 @@ def check_config(cfg):
                  "save_every", "keep_last", "log_every"):
         need(getattr(cfg, name) >= 1, name, "must be >= 1")
     for name in ("depth", "num_registers", "n_local", "monitor_every", "monitor_images", "dino_weight", "ibot_weight",
-                 "koleo_weight", "nproc", "warmup_teacher_temp_epochs", "layerscale", "min_lr", "warmup_epochs", "weight_decay",
+                 "koleo_weight", "nproc", "warmup_teacher_temp_epochs", "layerscale", "min_lr", "warmup_epochs",
+                 "weight_decay",
                  "weight_decay_end", "freeze_last_layer_epochs", "patch_embed_lr_mult", "heads_warmup_epochs"):
         need(getattr(cfg, name) >= 0, name, "must be >= 0")
     for name in ("student_temp", "teacher_temp", "warmup_teacher_temp", "epochs", "base_lr", "clip_grad",

@@ -264,11 +264,10 @@ def test_estimate_counts_and_sharding():
     cfg = train.parse_config(argv=["--arch", "vit_g", "--device", "cuda"])  # the paper's vit_g recipe
     D, h, K, bn, bn_ibot = 1536, 2048, 131072, 384, 256
     # the released count minus the pos-embed positions a 224-px grid does not have (1 + 37^2 vs 1 + 16^2)
-    assert plan.count_parameters(train.meta_model(cfg))["parts"]["backbone"] == OFFICIAL["vit_giant2"] - (1370 - 257) * D
-    head = lambda bn: D * h + h + h * h + h + h * bn + bn + K * bn + K  # 3 Linears, then v (K, bn) and g (K, 1)
-    assert plan.count_parameters(train.meta_model(cfg))["parts"]["dino_head"] == head(bn)
-    assert plan.count_parameters(train.meta_model(cfg))["parts"]["ibot_head"] == head(bn_ibot)
     counts = plan.count_parameters(train.meta_model(cfg))
+    assert counts["parts"]["backbone"] == OFFICIAL["vit_giant2"] - (1370 - 257) * D
+    head = lambda bn: D * h + h + h * h + h + h * bn + bn + K * bn + K  # 3 Linears, then v (K, bn) and g (K, 1)
+    assert counts["parts"]["dino_head"] == head(bn) and counts["parts"]["ibot_head"] == head(bn_ibot)
     one, fsdp = plan.estimate(cfg, counts, 1), plan.estimate(cfg, counts, 32)
     P = one["params_total"]
     assert one["strategy"] == "none" and fsdp["strategy"] == "fsdp" and one["dtype"] == "bf16"
@@ -318,7 +317,8 @@ for step in range(2):  # from step 2 on the AdamW moments exist during forward a
 # VmHWM, this process's own peak (ru_maxrss would count the pytest process it was forked from)
 hwm = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
 print(json.dumps({"peak_rss": hwm,
-                  "estimate": plan.estimate(cfg, plan.count_parameters(train.meta_model(cfg)), 1, "cpu")["memory"]["total"]}))
+                  "estimate": plan.estimate(cfg, plan.count_parameters(train.meta_model(cfg)), 1,
+                                            "cpu")["memory"]["total"]}))
 '''
 
 
