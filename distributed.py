@@ -60,30 +60,31 @@ def init(device_name: str = "auto") -> tuple:
     return rank, world, device
 
 
-def all_reduce_(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
-    """In-place all-reduce of `t` over all ranks ("sum" or "max"); a no-op without a process group. Returns t."""
-    ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}  # both exist on gloo and nccl
-    if op not in ops:
-        raise ValueError(f"all_reduce_: op must be one of {sorted(ops)}, got {op!r}")
-    if is_dist():
-        dist.all_reduce(t, op=ops[op])
-    return t
-
-
 def _comm(t):
-    """t where the process group communicates from: the current GPU under NCCL, else the CPU."""
+    """t where the process group communicates from: the current GPU under NCCL, else the CPU (t itself if it is
+    there already)."""
     if dist.get_backend() == "nccl":
         return t.to(torch.device("cuda", torch.cuda.current_device()))
     return t.cpu()
 
 
+def all_reduce_(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """In-place all-reduce of `t` over all ranks ("sum" or "max"), wherever t lives (a CPU tensor under NCCL goes
+    through the GPU); a no-op without a process group. Returns t."""
+    ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}  # both exist on gloo and nccl
+    if op not in ops:
+        raise ValueError(f"all_reduce_: op must be one of {sorted(ops)}, got {op!r}")
+    if is_dist():
+        c = _comm(t)
+        dist.all_reduce(c, op=ops[op])
+        if c is not t:
+            t.copy_(c)
+    return t
+
+
 def all_reduce_sum(t):
-    """The sum of t over ranks (t itself without a process group)."""
-    if not is_dist():
-        return t
-    c = _comm(t).clone()
-    dist.all_reduce(c)
-    return c.to(t.device)
+    """The sum of t over ranks as a new tensor (t itself without a process group)."""
+    return all_reduce_(t.clone()) if is_dist() else t
 
 
 def all_gather_cat(t, dim=0):

@@ -22,6 +22,8 @@ import os
 
 import torch
 
+from distributed import pick_device
+
 GiB = 2 ** 30
 # Memory that the framework's own allocator does not count: the CUDA context with cuBLAS / cuDNN workspaces, or on
 # a CPU the interpreter and torch's libraries (the RSS of `import train` is ~0.23 GiB; the first kernels add more).
@@ -30,9 +32,9 @@ GPU_SIZES = {"A100 40GB": 40, "A100/H100 80GB": 80, "H200 141GB": 141}  # the fi
 
 
 def resolve_device_type(cfg):
-    if cfg.device != "auto":
-        return cfg.device
-    return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    """"cuda", "mps" or "cpu": --device's type (it need not be on this machine: a dry run may plan for CUDA on a
+    laptop), or what distributed.pick_device chooses for "auto"."""
+    return pick_device().type if cfg.device == "auto" else torch.device(cfg.device).type
 
 
 def count_parameters(model):
