@@ -8,6 +8,7 @@ every protocol works on the cache.
 Public names, in reading order:
     pick_device, load_backbone, random_like       -- the frozen network to evaluate (and its random twin)
     round_to_patch, to_tensor, EvalTransform      -- resize / centre-crop / normalise
+    to_grey, saw_only_grey                        -- grey inputs for a run that only ever saw grey crops
     extract_features                              -- batched, sharded over ranks, gathered back in dataset order
     knn_scores, knn_classify, knn_accuracy        -- weighted k-NN on L2-normalised cls tokens
     raw_pixel_features, KnnMonitor                -- the raw-pixel floor; the online k-NN that train.py runs
@@ -132,6 +133,16 @@ def random_like(model: nn.Module, seed: int = 0, layerscale: float = 1e-5) -> nn
 # ---------------------------------------------------------------------------------------------------------------
 # Evaluation transform (no torchvision: a few lines of PIL)
 
+def to_grey(img: Image.Image) -> Image.Image:
+    """The augmentation's grayscale step (ITU-R 601 luma, as PIL's convert("L")), kept as three equal channels."""
+    return img.convert("L").convert("RGB")
+
+
+def saw_only_grey(run: dict) -> bool:
+    """Did the run that wrote the weights turn every training crop grey (its config's p_grayscale, 1 = always)?"""
+    return float(run.get("p_grayscale", 0.0)) >= 1.0
+
+
 
 def round_to_patch(size: int, patch: int) -> int:
     """The nearest multiple of the patch size, at least one patch (the patch embedding needs whole patches)."""
@@ -144,14 +155,19 @@ class EvalTransform:
 
     crop=False: a plain resize to (size, size), for images that are already square and framed (the synthetic set).
     `size` is rounded to a multiple of the patch; images of any size (even below one patch) are resized to it.
+    grey=True: the image is turned grey first, as the training crops were when the run turned every crop grey
+    (--p-grayscale 1, the laptop preset): a network is read on the inputs it was trained on.
     A picklable dataclass so DataLoader workers can use it.
     """
     size: int = 224
     crop: bool = True
     patch: int = 14
+    grey: bool = False
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
         size = round_to_patch(self.size, self.patch)
+        if self.grey:
+            img = to_grey(img)
         if not self.crop:
             return to_tensor(img.resize((size, size), Image.BICUBIC))
         short = int(size * 256 / 224)
@@ -284,9 +300,10 @@ def knn_accuracy(train_feats, train_labels, test_feats, test_labels, n_classes: 
                 "top5": 100.0 * (p == test_labels).any(1).float().mean().item()} for k, p in preds.items()}
 
 
-def raw_pixel_features(dataset, side: int = 28, crop: bool = False) -> torch.Tensor:
+def raw_pixel_features(dataset, side: int = 28, crop: bool = False, grey: bool = False) -> torch.Tensor:
     """(N, 3 * side * side) float32: each image (dataset[i][0], PIL) resized to side x side (after a centre square
-    crop if `crop`, as EvalTransform), minus its own mean.
+    crop if `crop`, as EvalTransform; turned grey first if `grey`, so the floor sees what the network sees), minus
+    its own mean.
 
     The floor every learned feature must clear: a k-NN on these (cosine, so the image's mean and contrast drop out)
     already separates objects that differ in silhouette at the same place and angle.
@@ -296,7 +313,10 @@ def raw_pixel_features(dataset, side: int = 28, crop: bool = False) -> torch.Ten
         s = min(w, h)
         return img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s)) if crop else img
 
-    rows = [np.asarray(square(dataset[i][0].convert("RGB")).resize((side, side), Image.BICUBIC), dtype=np.float32)
+    def prepare(img):
+        return to_grey(img) if grey else img.convert("RGB")
+
+    rows = [np.asarray(square(prepare(dataset[i][0])).resize((side, side), Image.BICUBIC), dtype=np.float32)
             for i in range(len(dataset))]
     x = torch.from_numpy(np.stack(rows)).flatten(1)  # (N, 3 * side * side)
     return x - x.mean(dim=1, keepdim=True)
@@ -310,17 +330,18 @@ class KnnMonitor:
     `raw_pixels` is the same k-NN on raw pixels (raw_pixel_features): the floor a learned feature must clear.
     """
 
-    def __init__(self, bank, queries, n_classes: int, size: int, patch: int, batch_size: int = 250):
+    def __init__(self, bank, queries, n_classes: int, size: int, patch: int, batch_size: int = 250,
+                 grey: bool = False):
         crop = not hasattr(bank, "sample")  # synthetic images are square and framed already
-        transform = EvalTransform(size, crop=crop, patch=patch)
+        transform = EvalTransform(size, crop=crop, patch=patch, grey=grey)
         self.n_classes, self.batch_size = n_classes, batch_size
         self.images, self.labels = [], []
         for ds in (bank, queries):
             items = [ds[i] for i in range(len(ds))]
             self.images.append(torch.stack([transform(img) for img, _ in items]))  # (N, 3, size, size)
             self.labels.append(torch.tensor([label for _, label in items], dtype=torch.long))  # (N,)
-        self.raw_pixels = knn_accuracy(raw_pixel_features(bank, crop=crop), self.labels[0],
-                                       raw_pixel_features(queries, crop=crop), self.labels[1], n_classes,
+        self.raw_pixels = knn_accuracy(raw_pixel_features(bank, crop=crop, grey=grey), self.labels[0],
+                                       raw_pixel_features(queries, crop=crop, grey=grey), self.labels[1], n_classes,
                                        ks=(20,))[20]["top1"]
 
     @torch.no_grad()
@@ -465,7 +486,7 @@ def border_mask(h: int, w: int) -> torch.Tensor:
 
 
 def segmentation_iou(model: nn.Module, dataset, n_images: int = 200, size: int = 112, device=None,
-                     batch_size: int = 32) -> dict:
+                     batch_size: int = 32, grey: bool = False) -> dict:
     """Mean IoU of "first PCA component > 0" with the true foreground, on a dataset with masks.
 
     dataset.sample(i) -> (PIL image, label, fg_mask bool (S, S)), e.g. data.SyntheticDataset. Per image: the patch
@@ -478,7 +499,7 @@ def segmentation_iou(model: nn.Module, dataset, n_images: int = 200, size: int =
     device = torch.device(device or next(model.parameters()).device)
     size = round_to_patch(size, model.patch_size)
     h = w = size // model.patch_size
-    transform = EvalTransform(size, crop=False, patch=model.patch_size)
+    transform = EvalTransform(size, crop=False, patch=model.patch_size, grey=grey)
     border = border_mask(h, w)
     n_images = min(n_images, len(dataset))
     ious, ious_border, ceilings = [], [], []
@@ -524,6 +545,8 @@ class EvalConfig:
     holdout: float = arg(0.1, "fraction of train held out to choose the linear classifier")
     seg_images: int = arg(200, "val images for the segmentation IoU (needs foreground masks: synthetic set only)")
     baseline: bool | None = arg(None, "also evaluate a random network of the same arch; none: on for synthetic")
+    grey: bool | None = arg(None, "turn every image grey (network and raw pixels); none: when the run that wrote "
+                                  "--weights turned every crop grey (--p-grayscale 1)")
     json: str | None = arg(None, "write every figure here")
     seed: int = arg(0, "random init, probe split and shuffling")
 
@@ -582,7 +605,7 @@ def _format_table(res: dict) -> str:
 
 
 def evaluate_model(model, train_set, val_set, n_classes: int, cfg: EvalConfig, size: int, device, seg_set=None,
-                   linear: bool = True, name: str = "backbone") -> dict | None:
+                   linear: bool = True, name: str = "backbone", grey: bool = False) -> dict | None:
     """Every protocol on one backbone; features extracted and the k-NN run on all ranks, the rest on rank 0."""
     train = extract_features(model, train_set, cfg.batch_size, device, num_workers=cfg.num_workers,
                              desc=f"{name}: train features")
@@ -598,7 +621,7 @@ def evaluate_model(model, train_set, val_set, n_classes: int, cfg: EvalConfig, s
         res["linear"] = linear_probe(train, val, n_classes, cfg.linear_epochs, cfg.linear_batch_size,
                                      holdout=cfg.holdout, seed=cfg.seed, device=device)
     if seg_set is not None and cfg.seg_images > 0:
-        res["segmentation"] = segmentation_iou(model, seg_set, cfg.seg_images, size, device)
+        res["segmentation"] = segmentation_iou(model, seg_set, cfg.seg_images, size, device, grey=grey)
     return res
 
 
@@ -615,18 +638,19 @@ def main(argv=None) -> dict | None:
     size = cfg.size or run.get("global_size", 224)  # features are read at the resolution they were trained at
     synthetic_size = run.get("synthetic_size", 128)
     baseline = cfg.baseline if cfg.baseline is not None else (synthetic and not cfg.random)
-    print0(f"config: {asdict(cfg)}\nderived: device={device} size={size} baseline={baseline}")
+    grey = cfg.grey if cfg.grey is not None else saw_only_grey(run)  # read the network on what it was trained on
+    print0(f"config: {asdict(cfg)}\nderived: device={device} size={size} baseline={baseline} grey={grey}")
 
     model = load_backbone(cfg.weights, cfg.arch, device, random_init=cfg.random, img_size=size, seed=cfg.seed)
     size = round_to_patch(size, model.patch_size)
     if synthetic:
-        transform = EvalTransform(size, crop=False, patch=model.patch_size)  # synthetic images are square already
+        transform = EvalTransform(size, crop=False, patch=model.patch_size, grey=grey)  # synthetic: square already
         train_set, val_set = (data.SyntheticDataset(n=n, size=synthetic_size, n_classes=cfg.n_classes, seed=seed,
                                                     transform=transform)
                               for n, seed in ((cfg.n_train, 0), (cfg.n_val, 1)))
         n_classes = cfg.n_classes
     else:
-        transform = EvalTransform(size, crop=True, patch=model.patch_size)
+        transform = EvalTransform(size, crop=True, patch=model.patch_size, grey=grey)
         train_set = data.ImageFolderDataset(cfg.train, transform=transform)
         val_set = data.ImageFolderDataset(cfg.val, transform=transform)
         if list(train_set.classes) != list(val_set.classes):
@@ -636,18 +660,18 @@ def main(argv=None) -> dict | None:
     seg_set = val_set if hasattr(val_set, "sample") else None  # only data with foreground masks
 
     weights = None if cfg.random else str(cfg.weights or DEFAULT_WEIGHTS)
-    results = {"config": asdict(cfg), "size": size, "n_classes": n_classes, "weights": weights}
+    results = {"config": asdict(cfg), "size": size, "n_classes": n_classes, "weights": weights, "grey": grey}
     # The floor: the same k-NN on raw pixels (28 x 28, mean removed), on the same images
     raw = {}
     if rank_world()[0] == 0:
         for name, ds in (("train", train_set), ("val", val_set)):
             transform, ds.transform = ds.transform, None
-            raw[name] = raw_pixel_features(ds, crop=not synthetic)
+            raw[name] = raw_pixel_features(ds, crop=not synthetic, grey=grey)
             ds.transform = transform
-        results["raw_pixels"] = dict(model="raw pixels 28x28", knn={str(k): v for k, v in knn_accuracy(
+        results["raw_pixels"] = dict(model="raw pixels 28x28" + (", grey" if grey else ""), knn={str(k): v for k, v in knn_accuracy(
             raw["train"], torch.tensor(train_set.targets), raw["val"], torch.tensor(val_set.targets), n_classes,
             cfg.ks, cfg.temperature, shard=False).items()})  # rank 0 alone: a local search
-    res = evaluate_model(model, train_set, val_set, n_classes, cfg, size, device, seg_set)
+    res = evaluate_model(model, train_set, val_set, n_classes, cfg, size, device, seg_set, grey=grey)
     if res is not None:
         results["backbone"] = dict(model=f"random init {cfg.arch}" if cfg.random else weights, **res)
     if baseline:
@@ -655,7 +679,7 @@ def main(argv=None) -> dict | None:
         # already say how much of the structure comes from the architecture and the pixels alone).
         random_net = random_like(model, cfg.seed, training_layerscale(weights)).to(device)
         res = evaluate_model(random_net, train_set, val_set, n_classes, cfg, size, device, seg_set, linear=False,
-                             name="random")
+                             name="random", grey=grey)
         if res is not None:
             results["random_baseline"] = dict(model="random init, same arch", **res)
     if rank_world()[0] == 0:

@@ -474,7 +474,8 @@ def build_monitor(cfg, n_images):
         bank = SyntheticDataset(n=min(n, n_images), size=cfg.synthetic_size, seed=cfg.seed)
         queries = SyntheticDataset(n=n, size=cfg.synthetic_size, seed=cfg.seed + 1)
         n_classes = bank.n_classes
-    return KnnMonitor(bank, queries, n_classes, cfg.global_size, cfg.patch_size)
+    # a run that turns every crop grey is read on grey images (and so is its raw-pixel floor)
+    return KnnMonitor(bank, queries, n_classes, cfg.global_size, cfg.patch_size, grey=cfg.p_grayscale >= 1)
 
 
 # -----------------------------------------------------------------------------------------------------------------

@@ -208,6 +208,22 @@ def test_eval_transform_sizes():
                           / torch.tensor(evaluate.data.IMAGENET_STD))
 
 
+def test_grey_eval_transform_gives_the_luma_on_three_channels():
+    mean, std = torch.tensor(evaluate.data.IMAGENET_MEAN), torch.tensor(evaluate.data.IMAGENET_STD)
+    img = Image.new("RGB", (28, 28), (200, 40, 90))
+    x = evaluate.EvalTransform(28, crop=False, patch=14, grey=True)(img)  # (3, 28, 28), normalised
+    pixels = x * std.view(3, 1, 1) + mean.view(3, 1, 1)  # back to 0..1
+    luma = round(0.299 * 200 + 0.587 * 40 + 0.114 * 90)  # ITU-R 601 luma, rounded as PIL's convert("L"): 94
+    assert torch.allclose(pixels, torch.full_like(pixels, luma / 255), atol=1e-5)
+    colour = evaluate.EvalTransform(28, crop=False, patch=14)(img) * std.view(3, 1, 1) + mean.view(3, 1, 1)
+    assert torch.allclose(colour[:, 0, 0], torch.tensor([200, 40, 90]) / 255, atol=1e-5)  # grey=False: untouched
+
+
+def test_saw_only_grey_reads_the_run_config():
+    assert evaluate.saw_only_grey({"p_grayscale": 1.0})
+    assert not evaluate.saw_only_grey({"p_grayscale": 0.2}) and not evaluate.saw_only_grey({})
+
+
 def test_extract_features_shapes_and_order():
     import data
     torch.manual_seed(0)
@@ -317,6 +333,7 @@ def test_cli_json(tmp_path):
     assert 0 <= res["backbone"]["linear"]["best"]["val_top1"] <= 100
     assert "linear" not in res["random_baseline"]
     assert len(numbers(res)) > 50 and all(math.isfinite(x) for x in numbers(res))
+    assert res["grey"] is False  # no readable run config beside the weights: colour, as the images are
 
 
 def test_cli_rejects_unknown_flags(capsys):
@@ -358,6 +375,13 @@ def test_raw_pixel_features_remove_each_image_mean():
         np.testing.assert_allclose(x[i].numpy(), expected, atol=1e-3)
 
 
+def test_raw_pixel_features_grey():
+    ds = SolidColours(8, seed=0)
+    x = evaluate.raw_pixel_features(ds, side=6, grey=True)
+    assert x.shape == (8, 3 * 6 * 6)
+    assert x.abs().max() < 1e-3  # one grey level on all three channels, minus its mean: nothing left
+
+
 def test_knn_monitor_scores_a_perfect_and_a_useless_embedding():
     bank, queries = SolidColours(40, seed=0), SolidColours(20, seed=1)
     monitor = evaluate.KnnMonitor(bank, queries, n_classes=4, size=14, patch=7, batch_size=16)
@@ -366,3 +390,8 @@ def test_knn_monitor_scores_a_perfect_and_a_useless_embedding():
     assert monitor(mean_colour, "cpu") == 100.0
     constant = lambda x: torch.ones(len(x), 3)  # every image the same: the top-k is the first k of the bank
     assert monitor(constant, "cpu") < 50.0
+    grey = evaluate.KnnMonitor(bank, queries, n_classes=4, size=14, patch=7, batch_size=16, grey=True)
+    x = grey.images[0]  # (40, 3, 14, 14), normalised per channel: undo it to compare the channels
+    std, mean = torch.tensor(evaluate.data.IMAGENET_STD), torch.tensor(evaluate.data.IMAGENET_MEAN)
+    pixels = x * std.view(1, 3, 1, 1) + mean.view(1, 3, 1, 1)
+    assert torch.allclose(pixels[:, 0], pixels[:, 1], atol=1e-5) and torch.allclose(pixels[:, 0], pixels[:, 2], atol=1e-5)
