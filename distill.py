@@ -43,7 +43,8 @@ class DistillConfig(Config):
 # The student copies these from the teacher unless a flag sets them: the heads must produce comparable outputs, and the
 # views must be the ones the teacher learned on.
 FROM_TEACHER = ("patch_size", "n_prototypes", "separate_ibot_head", "ibot_n_prototypes", "centering",
-                "global_size", "local_size", "n_local", "synthetic_images", "synthetic_size", "data")
+                "global_size", "local_size", "n_local", "synthetic_images", "synthetic_size", "synthetic_rotation",
+                "synthetic_background", "data")
 MUST_MATCH = ("patch_size", "n_prototypes", "ibot_n_prototypes", "separate_ibot_head")
 
 

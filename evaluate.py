@@ -637,16 +637,20 @@ def main(argv=None) -> dict | None:
     run = {} if cfg.random else training_config(cfg.weights or DEFAULT_WEIGHTS)
     size = cfg.size or run.get("global_size", 224)  # features are read at the resolution they were trained at
     synthetic_size = run.get("synthetic_size", 128)
+    # the run's variant of the synthetic set (train.synthetic_kind): its angle range and background
+    synthetic_kind = dict(rotation=float(run.get("synthetic_rotation", 360.0)),
+                          background=str(run.get("synthetic_background", "texture")))
     baseline = cfg.baseline if cfg.baseline is not None else (synthetic and not cfg.random)
     grey = cfg.grey if cfg.grey is not None else saw_only_grey(run)  # read the network on what it was trained on
-    print0(f"config: {asdict(cfg)}\nderived: device={device} size={size} baseline={baseline} grey={grey}")
+    print0(f"config: {asdict(cfg)}\nderived: device={device} size={size} baseline={baseline} grey={grey}"
+           + (f" synthetic={synthetic_kind}" if synthetic else ""))
 
     model = load_backbone(cfg.weights, cfg.arch, device, random_init=cfg.random, img_size=size, seed=cfg.seed)
     size = round_to_patch(size, model.patch_size)
     if synthetic:
         transform = EvalTransform(size, crop=False, patch=model.patch_size, grey=grey)  # synthetic: square already
         train_set, val_set = (data.SyntheticDataset(n=n, size=synthetic_size, n_classes=cfg.n_classes, seed=seed,
-                                                    transform=transform)
+                                                    transform=transform, **synthetic_kind)
                               for n, seed in ((cfg.n_train, 0), (cfg.n_val, 1)))
         n_classes = cfg.n_classes
     else:

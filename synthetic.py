@@ -14,6 +14,7 @@ import torch
 from PIL import Image, ImageDraw
 
 
+BACKGROUNDS = ("texture", "plain")
 SYNTHETIC_SHAPES = ("circle", "square", "triangle", "cross", "ring", "star", "ellipse", "crescent", "arrow",
                     "semicircle")
 
@@ -72,13 +73,23 @@ class SyntheticDataset(torch.utils.data.Dataset):
     border); backgrounds are muted (low saturation) noise, stripes or gradients, so the foreground is visually
     distinct. Labels are i % n_classes (balanced). Everything is a function of (seed, index): sample(i) is the same
     in every process and every epoch.
+
+    Two knobs make the set easier without giving any class a shortcut (ABLATIONS.md §6-7 measure them):
+    rotation: the angle is drawn from [0, rotation) degrees (360: any angle; 0: every shape upright).
+    background: "texture" (noise, stripes or gradients) or "plain" (one muted colour per image, the mean of the
+    texture that image would have had, so the two variants share every other draw).
     """
 
-    def __init__(self, n=1024, size=224, n_classes=8, seed=0, transform=None):
+    def __init__(self, n=1024, size=224, n_classes=8, seed=0, transform=None, rotation=360.0, background="texture"):
         if not 1 <= n_classes <= len(SYNTHETIC_SHAPES):
             raise ValueError(f"n_classes must be between 1 and {len(SYNTHETIC_SHAPES)} (one shape per class), "
                              f"got {n_classes}")
+        if not 0 <= rotation <= 360:
+            raise ValueError(f"rotation must be between 0 and 360 degrees, got {rotation}")
+        if background not in BACKGROUNDS:
+            raise ValueError(f"background must be one of {', '.join(BACKGROUNDS)}, got {background!r}")
         self.n, self.size, self.n_classes, self.seed, self.transform = n, size, n_classes, seed, transform
+        self.rotation, self.background = float(rotation), background
         self.classes = list(SYNTHETIC_SHAPES[:n_classes])
         self.targets = [i % n_classes for i in range(n)]
 
@@ -116,11 +127,14 @@ class SyntheticDataset(torch.utils.data.Dataset):
         # an *area* instead would make thin shapes smaller on average, a size shortcut to the label).
         radius = rng.uniform(0.25, 0.45) * self.size
         center = rng.uniform(radius, self.size - radius, size=2)
-        mask_img = _draw_shape(shape, self.size, center, radius, rng.uniform(0, 2 * math.pi))
+        mask_img = _draw_shape(shape, self.size, center, radius, rng.uniform(0, math.radians(self.rotation)))
         fg = np.asarray(mask_img) > 0
         hue = rng.random()
         color = np.array(colorsys.hsv_to_rgb(hue, rng.uniform(0.65, 1.0), rng.uniform(0.65, 1.0))) * 255
-        pixels = np.where(fg[..., None], color, self._background(rng))
+        background = self._background(rng)  # (size, size, 3)
+        if self.background == "plain":
+            background = np.broadcast_to(background.mean(axis=(0, 1)), background.shape)
+        pixels = np.where(fg[..., None], color, background)
         pixels += rng.integers(-8, 9, size=pixels.shape)  # a little sensor-like noise on everything
         img = Image.fromarray(pixels.clip(0, 255).astype(np.uint8))  # mode RGB
         return img, label, fg

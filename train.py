@@ -42,6 +42,7 @@ from cli import arg
 from data import (DROP_PATH, GlobalBatchSampler, ImageFolderDataset, MaskingGenerator, MultiCropAugmentation,
                   MultiCropCollate, MultiCropDataset, SyntheticDataset, stream_seed)
 from distributed import barrier, local_tensor, print0
+from synthetic import BACKGROUNDS
 from checkpoint import Checkpointer
 from metrics import TERMS, Logger, plot_run
 from plan import compute_dtype, resolve_strategy
@@ -81,6 +82,8 @@ class Config:
     data: str = arg("", "an image folder (class sub-folders or flat) or a .txt file list; \"\" = synthetic images")
     synthetic_images: int = arg(2000, "size of the synthetic dataset when --data is empty")
     synthetic_size: int = arg(128, "its image side in pixels")
+    synthetic_rotation: float = arg(360.0, "synthetic objects' angle range in degrees (0 = all upright)")
+    synthetic_background: str = arg("texture", "texture | plain (one muted colour per image)")
     global_size: int = arg(224, "global crop side in pixels")
     local_size: int = arg(98, "local crop side in pixels")
     n_local: int = arg(8, "local crops per image")
@@ -145,7 +148,8 @@ def check_config(cfg):
             raise ValueError(f"{_flag(name)} {what}, got {getattr(cfg, name)!r}")
 
     choices = dict(ffn=("auto", "mlp", "swiglu"), centering=("softmax", "sinkhorn_knopp"), blur=("paper", "released"),
-                   strategy=("auto", "none", "ddp", "fsdp"), dtype=("auto", "bf16", "fp32"))
+                   strategy=("auto", "none", "ddp", "fsdp"), dtype=("auto", "bf16", "fp32"),
+                   synthetic_background=BACKGROUNDS)
     for name, known in choices.items():
         need(getattr(cfg, name) in known, name, f"must be one of {', '.join(known)}")
     need(cfg.arch in vit.ARCHS, "arch", f"must be one of {', '.join(sorted(vit.ARCHS))}")
@@ -164,6 +168,7 @@ def check_config(cfg):
         need(getattr(cfg, name) > 0, name, "must be > 0")
     for name in ("drop_path", "p_grayscale", "mask_probability", "momentum_teacher", "layer_decay"):
         need(0 <= getattr(cfg, name) <= 1, name, "must be between 0 and 1")
+    need(0 <= cfg.synthetic_rotation <= 360, "synthetic_rotation", "must be between 0 and 360 degrees")
     need(0 <= cfg.hue_jitter <= 0.5, "hue_jitter", "must be between 0 and 0.5 (a hue shift of +-0.5 is any hue)")
     need(cfg.num_workers >= -1, "num_workers", "must be >= 0, or -1 for auto")
     for name in ("global_scale", "local_scale"):
@@ -431,11 +436,17 @@ def build_models(cfg, strategy, device):
 # -----------------------------------------------------------------------------------------------------------------
 # Data (data.py): multi-crop views, masks, and a stream of global batches whose slices go to the ranks.
 
+def synthetic_kind(cfg) -> dict:
+    """The synthetic set's variant (angle range, background) as SyntheticDataset keywords; evaluate.py reads the same
+    two keys from a run's config, so a run is evaluated on the images it was trained on."""
+    return dict(rotation=cfg.synthetic_rotation, background=cfg.synthetic_background)
+
+
 def build_data(cfg, rank, world, start_step, device):
     if cfg.data:
         images = ImageFolderDataset(cfg.data)
     else:
-        images = SyntheticDataset(n=cfg.synthetic_images, size=cfg.synthetic_size, seed=cfg.seed)
+        images = SyntheticDataset(n=cfg.synthetic_images, size=cfg.synthetic_size, seed=cfg.seed, **synthetic_kind(cfg))
     augment = MultiCropAugmentation(global_size=cfg.global_size, local_size=cfg.local_size, n_local=cfg.n_local,
                                     global_scale=tuple(cfg.global_scale), local_scale=tuple(cfg.local_scale),
                                     blur=cfg.blur)
@@ -471,8 +482,8 @@ def build_monitor(cfg, n_images):
         bank, queries = (torch.utils.data.Subset(images, order[half::2][:n].tolist()) for half in (0, 1))
         n_classes = len(images.classes)
     else:
-        bank = SyntheticDataset(n=min(n, n_images), size=cfg.synthetic_size, seed=cfg.seed)
-        queries = SyntheticDataset(n=n, size=cfg.synthetic_size, seed=cfg.seed + 1)
+        bank = SyntheticDataset(n=min(n, n_images), size=cfg.synthetic_size, seed=cfg.seed, **synthetic_kind(cfg))
+        queries = SyntheticDataset(n=n, size=cfg.synthetic_size, seed=cfg.seed + 1, **synthetic_kind(cfg))
         n_classes = bank.n_classes
     # a run that turns every crop grey is read on grey images (and so is its raw-pixel floor)
     return KnnMonitor(bank, queries, n_classes, cfg.global_size, cfg.patch_size, grey=cfg.p_grayscale >= 1)

@@ -600,3 +600,30 @@ def test_synthetic_classes_are_shapes_and_nuisances_do_not_predict_them():
     centroids = np.stack([feats[train][labels[train] == c].mean(0) for c in range(8)])
     pred = ((feats[test, None] - centroids[None]) ** 2).sum(-1).argmin(1)
     assert (pred == labels[test]).mean() < 0.25
+
+def test_synthetic_variants_upright_and_plain():
+    for bad in (dict(rotation=-1), dict(rotation=361), dict(background="grass")):
+        with pytest.raises(ValueError):
+            SyntheticDataset(n=4, **bad)
+    squares = range(1, 40, 8)  # class 1 is the square
+    assert SyntheticDataset(n=40, size=64).classes[1] == "square"
+    fill = {}
+    for rotation in (0, 360):
+        ds = SyntheticDataset(n=40, size=64, seed=2, rotation=rotation)
+        ratios = []
+        for i in squares:
+            ys, xs = np.nonzero(ds.sample(i)[2])
+            ratios.append(len(ys) / ((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)))  # of its bounding box
+        fill[rotation] = min(ratios)
+    assert fill[0] > 0.9 and fill[360] < 0.9  # upright squares fill their box; most turned ones leave corners
+    texture, plain = (SyntheticDataset(n=8, size=48, seed=5, background=b) for b in ("texture", "plain"))
+    for i in range(8):
+        (t_img, t_label, t_fg), (p_img, p_label, p_fg) = texture.sample(i), plain.sample(i)
+        assert t_label == p_label and np.array_equal(t_fg, p_fg)  # the same draws, only the background differs
+        t_px, p_px = np.asarray(t_img).astype(int), np.asarray(p_img).astype(int)
+        assert np.array_equal(t_px[t_fg], p_px[p_fg])  # object pixels (colour + noise) identical
+        bg = p_px[~p_fg]  # (M, 3): one colour plus the +-8 sensor noise
+        assert (bg.max(0) - bg.min(0)).max() <= 17
+        assert np.abs(bg.mean(0) - t_px[~t_fg].mean(0)).max() < 10  # the texture's mean colour (over all pixels)
+    default = SyntheticDataset(n=8, size=48, seed=5)
+    assert default.rotation == 360 and default.background == "texture"

@@ -136,7 +136,9 @@ def test_no_loadable_checkpoint_is_an_error_not_a_fresh_start(finished, tmp_path
     ("--global-size", "50", "--global-size must be a multiple of the patch size"),
     ("--mask-probability", "1.5", "--mask-probability must be between 0 and 1"),
     ("--centering", "none", "--centering must be one of softmax, sinkhorn_knopp"),
-    ("--device", "tpu", "--device must be auto, cpu, cuda[:N] or mps")])
+    ("--device", "tpu", "--device must be auto, cpu, cuda[:N] or mps"),
+    ("--synthetic-rotation", "400", "--synthetic-rotation must be between 0 and 360 degrees"),
+    ("--synthetic-background", "grass", "--synthetic-background must be one of texture, plain")])
 def test_flag_out_of_range_is_a_usage_error(capsys, flag, value, says):
     with pytest.raises(SystemExit) as e:
         config("unused", flag, value)
