@@ -211,7 +211,12 @@ PRESETS = {
     # the uniform target is stable; grey crops keep ~0.43.
     # NOTE(deviation): 256 prototypes, a 1024-wide head, no drop path, teacher momentum from 0.98, teacher
     # temperature 0.04 throughout: sized for 1,300 steps, not 125k.
+    # The synthetic objects are upright on plain backgrounds (colour, size and position still drawn per image,
+    # independently of the class): on the full set (--synthetic-rotation 360 --synthetic-background texture) even
+    # labels take this backbone no further than raw pixels in 1,300 steps, and ten minutes of self-supervision
+    # reach k-NN 21% (random 13%); here they reach 49% (random 17%). ABLATIONS.md §6-7.
     "vit_tiny": dict(
+        synthetic_rotation=0.0, synthetic_background="plain",
         depth=6, patch_size=8, synthetic_images=10000, synthetic_size=64, global_size=32, local_size=16, n_local=6,
         hue_jitter=0.0, p_grayscale=1.0, n_prototypes=256, ibot_n_prototypes=256, head_hidden_dim=1024,
         separate_ibot_head=True, layerscale=0.1, drop_path=0.0, batch_size=32, epochs=13, epoch_length=100,

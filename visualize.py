@@ -39,7 +39,8 @@ import data  # noqa: E402
 from cli import UserError, arg  # noqa: E402
 from data import to_tensor  # noqa: E402
 from distributed import pick_device  # noqa: E402
-from evaluate import border_mask, first_principal_component, load_backbone, round_to_patch  # noqa: E402
+from evaluate import (DEFAULT_WEIGHTS, border_mask, first_principal_component, load_backbone,  # noqa: E402
+                      round_to_patch, saw_only_grey, to_grey, training_config)
 
 LOSS_TERMS = ("dino_global", "dino_local", "ibot", "koleo")  # metric names of train.py's loss terms
 
@@ -276,13 +277,18 @@ def main(argv=None) -> Path:
         out = plot_curves(cfg.curves, cfg.out)
     else:
         synthetic = not cfg.images
-        if synthetic:
-            ds = data.SyntheticDataset(n=cfg.n_synthetic, size=128, seed=1)
+        run = {} if cfg.random else training_config(cfg.weights or DEFAULT_WEIGHTS)  # the run that wrote the weights
+        if synthetic:  # the variant of the synthetic set that run trained on
+            ds = data.SyntheticDataset(n=cfg.n_synthetic, size=128, seed=1,
+                                       rotation=float(run.get("synthetic_rotation", 360.0)),
+                                       background=str(run.get("synthetic_background", "texture")))
             images = [(f"synthetic {i}", ds.sample(i)[0]) for i in range(cfg.n_synthetic)]
         else:
             images = collect_images(cfg.images)
             if not images:
                 raise UserError(f"no readable image among the inputs ({' '.join(cfg.images)})")
+        if saw_only_grey(run):  # a network trained on grey crops is shown grey images (evaluate.py does the same)
+            images = [(name, to_grey(img)) for name, img in images]
         size = cfg.size or (112 if synthetic else 224)
         device = pick_device()
         model = load_backbone(cfg.weights, cfg.arch, device, random_init=cfg.random, img_size=size)
