@@ -336,6 +336,32 @@ def test_cli_json(tmp_path):
     assert res["grey"] is False  # no readable run config beside the weights: colour, as the images are
 
 
+def test_evaluation_reads_the_run_s_images_grey_and_variant(tmp_path, capsys):
+    """A run that trained on grey crops of upright, plain-background objects is read on those images, grey."""
+    torch.manual_seed(0)
+    weights = tmp_path / "teacher_backbone.pth"
+    torch.save(vit.build_model("vit_tiny", img_size=32, patch_size=8, depth=1).state_dict(), weights)
+    run = dict(p_grayscale=1.0, synthetic_rotation=0.0, synthetic_background="plain", global_size=32,
+               synthetic_size=48, layerscale=0.1)
+    torch.save({"config": run}, tmp_path / "teacher.pth")  # what train.py writes beside its exports
+    res = evaluate.main(["--weights", str(weights), "--n-train", "40", "--n-val", "40", "--seg-images", "0",
+                         "--linear-epochs", "1", "--ks", "5", "--no-baseline"])
+    out = capsys.readouterr().out
+    assert res["grey"] is True and res["size"] == 32 and "raw pixels 28x28, grey" in out
+    assert "synthetic={'rotation': 0.0, 'background': 'plain'}" in out
+    # the raw-pixel floor was taken on those images: recompute it by hand on the same draws, grey
+    variant = dict(n_classes=8, rotation=0.0, background="plain")
+    train_set = [(evaluate.to_grey(img), y) for img, y in evaluate.data.SyntheticDataset(n=40, size=48, seed=0, **variant)]
+    val_set = [(evaluate.to_grey(img), y) for img, y in evaluate.data.SyntheticDataset(n=40, size=48, seed=1, **variant)]
+    feats = [evaluate.raw_pixel_features(ds) for ds in (train_set, val_set)]
+    labels = [torch.tensor([y for _, y in ds]) for ds in (train_set, val_set)]
+    expected = evaluate.knn_accuracy(feats[0], labels[0], feats[1], labels[1], 8, ks=(5,), shard=False)[5]["top1"]
+    assert res["raw_pixels"]["knn"]["5"]["top1"] == expected
+    colour = evaluate.main(["--weights", str(weights), "--n-train", "40", "--n-val", "40", "--seg-images", "0",
+                            "--linear-epochs", "1", "--ks", "5", "--no-baseline", "--no-grey"])
+    assert colour["grey"] is False and "raw pixels 28x28, grey" not in capsys.readouterr().out
+
+
 def test_cli_rejects_unknown_flags(capsys):
     with pytest.raises(SystemExit):
         evaluate.parse_config(["--no-such-flag"])
