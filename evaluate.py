@@ -143,7 +143,6 @@ def saw_only_grey(run: dict) -> bool:
     return float(run.get("p_grayscale", 0.0)) >= 1.0
 
 
-
 def round_to_patch(size: int, patch: int) -> int:
     """The nearest multiple of the patch size, at least one patch (the patch embedding needs whole patches)."""
     return max(patch, int(round(size / patch)) * patch)
@@ -155,8 +154,7 @@ class EvalTransform:
 
     crop=False: a plain resize to (size, size), for images that are already square and framed (the synthetic set).
     `size` is rounded to a multiple of the patch; images of any size (even below one patch) are resized to it.
-    grey=True: the image is turned grey first, as the training crops were when the run turned every crop grey
-    (--p-grayscale 1, the laptop preset): a network is read on the inputs it was trained on.
+    grey=True: turned grey first, for a run that saw only grey crops (--p-grayscale 1, the laptop preset).
     A picklable dataclass so DataLoader workers can use it.
     """
     size: int = 224
@@ -637,8 +635,7 @@ def main(argv=None) -> dict | None:
     run = {} if cfg.random else training_config(cfg.weights or DEFAULT_WEIGHTS)
     size = cfg.size or run.get("global_size", 224)  # features are read at the resolution they were trained at
     synthetic_size = run.get("synthetic_size", 128)
-    # the run's variant of the synthetic set (train.synthetic_kind): its angle range and background
-    synthetic_kind = dict(rotation=float(run.get("synthetic_rotation", 360.0)),
+    synthetic_kind = dict(rotation=float(run.get("synthetic_rotation", 360.0)),  # the run's variant of the set
                           background=str(run.get("synthetic_background", "texture")))
     baseline = cfg.baseline if cfg.baseline is not None else (synthetic and not cfg.random)
     grey = cfg.grey if cfg.grey is not None else saw_only_grey(run)  # read the network on what it was trained on
@@ -672,9 +669,10 @@ def main(argv=None) -> dict | None:
             transform, ds.transform = ds.transform, None
             raw[name] = raw_pixel_features(ds, crop=not synthetic, grey=grey)
             ds.transform = transform
-        results["raw_pixels"] = dict(model="raw pixels 28x28" + (", grey" if grey else ""), knn={str(k): v for k, v in knn_accuracy(
-            raw["train"], torch.tensor(train_set.targets), raw["val"], torch.tensor(val_set.targets), n_classes,
-            cfg.ks, cfg.temperature, shard=False).items()})  # rank 0 alone: a local search
+        knn = knn_accuracy(raw["train"], torch.tensor(train_set.targets), raw["val"], torch.tensor(val_set.targets),
+                           n_classes, cfg.ks, cfg.temperature, shard=False)  # rank 0 alone: a local search
+        results["raw_pixels"] = dict(model="raw pixels 28x28" + (", grey" if grey else ""),
+                                     knn={str(k): v for k, v in knn.items()})
     res = evaluate_model(model, train_set, val_set, n_classes, cfg, size, device, seg_set, grey=grey)
     if res is not None:
         results["backbone"] = dict(model=f"random init {cfg.arch}" if cfg.random else weights, **res)

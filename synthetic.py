@@ -65,7 +65,7 @@ def _draw_shape(name, size, center, radius, angle) -> Image.Image:
 
 
 class SyntheticDataset(torch.utils.data.Dataset):
-    """One object per image on a textured background, drawn on the fly; needs no download.
+    """One object per image on a textured or plain background, drawn on the fly; needs no download.
 
     Class c is a shape, SYNTHETIC_SHAPES[c], and nothing else: its colour, size, position, rotation and the
     background are drawn independently of the class, so no shortcut reaches the label and a feature that classifies

@@ -351,8 +351,9 @@ def test_evaluation_reads_the_run_s_images_grey_and_variant(tmp_path, capsys):
     assert "synthetic={'rotation': 0.0, 'background': 'plain'}" in out
     # the raw-pixel floor was taken on those images: recompute it by hand on the same draws, grey
     variant = dict(n_classes=8, rotation=0.0, background="plain")
-    train_set = [(evaluate.to_grey(img), y) for img, y in evaluate.data.SyntheticDataset(n=40, size=48, seed=0, **variant)]
-    val_set = [(evaluate.to_grey(img), y) for img, y in evaluate.data.SyntheticDataset(n=40, size=48, seed=1, **variant)]
+    train_set, val_set = ([(evaluate.to_grey(img), y) for img, y in evaluate.data.SyntheticDataset(40, 48, seed=seed,
+                                                                                                  **variant)]
+                          for seed in (0, 1))
     feats = [evaluate.raw_pixel_features(ds) for ds in (train_set, val_set)]
     labels = [torch.tensor([y for _, y in ds]) for ds in (train_set, val_set)]
     expected = evaluate.knn_accuracy(feats[0], labels[0], feats[1], labels[1], 8, ks=(5,), shard=False)[5]["top1"]
@@ -420,4 +421,5 @@ def test_knn_monitor_scores_a_perfect_and_a_useless_embedding():
     x = grey.images[0]  # (40, 3, 14, 14), normalised per channel: undo it to compare the channels
     std, mean = torch.tensor(evaluate.data.IMAGENET_STD), torch.tensor(evaluate.data.IMAGENET_MEAN)
     pixels = x * std.view(1, 3, 1, 1) + mean.view(1, 3, 1, 1)
-    assert torch.allclose(pixels[:, 0], pixels[:, 1], atol=1e-5) and torch.allclose(pixels[:, 0], pixels[:, 2], atol=1e-5)
+    assert torch.allclose(pixels[:, 0], pixels[:, 1], atol=1e-5)
+    assert torch.allclose(pixels[:, 0], pixels[:, 2], atol=1e-5)
