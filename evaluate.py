@@ -43,6 +43,7 @@ import cli
 import data
 import vit
 from data import to_tensor
+from synthetic import variant
 from distributed import pick_device, print0, rank_world
 from cli import MissingFile, UserError, arg
 from knn import ShardedKNN, shard_range
@@ -635,8 +636,7 @@ def main(argv=None) -> dict | None:
     run = {} if cfg.random else training_config(cfg.weights or DEFAULT_WEIGHTS)
     size = cfg.size or run.get("global_size", 224)  # features are read at the resolution they were trained at
     synthetic_size = run.get("synthetic_size", 128)
-    synthetic_kind = dict(rotation=float(run.get("synthetic_rotation", 360.0)),  # the run's variant of the set
-                          background=str(run.get("synthetic_background", "texture")))
+    synthetic_kind = variant(run)  # the run's variant of the synthetic set
     baseline = cfg.baseline if cfg.baseline is not None else (synthetic and not cfg.random)
     grey = cfg.grey if cfg.grey is not None else saw_only_grey(run)  # read the network on what it was trained on
     print0(f"config: {asdict(cfg)}\nderived: device={device} size={size} baseline={baseline} grey={grey}"

@@ -64,6 +64,13 @@ def _draw_shape(name, size, center, radius, angle) -> Image.Image:
     return mask
 
 
+def variant(config: dict) -> dict:
+    """The set's variant in a run's config (train.py's synthetic_* flags) as SyntheticDataset keywords; the defaults
+    (any angle, textured) for a config that predates the flags, so a run is always read on the images it saw."""
+    return dict(rotation=float(config.get("synthetic_rotation", 360.0)),
+                background=str(config.get("synthetic_background", "texture")))
+
+
 class SyntheticDataset(torch.utils.data.Dataset):
     """One object per image on a textured or plain background, drawn on the fly; needs no download.
 

@@ -42,6 +42,7 @@ from cli import arg
 from data import (DROP_PATH, GlobalBatchSampler, ImageFolderDataset, MaskingGenerator, MultiCropAugmentation,
                   MultiCropCollate, MultiCropDataset, SyntheticDataset, stream_seed)
 from distributed import barrier, local_tensor, print0
+from synthetic import variant
 from checkpoint import Checkpointer
 from metrics import TERMS, Logger, plot_run
 from plan import compute_dtype, resolve_strategy
@@ -438,7 +439,7 @@ def build_models(cfg, strategy, device):
 # Data (data.py): multi-crop views, masks, and a stream of global batches whose slices go to the ranks.
 
 def build_data(cfg, rank, world, start_step, device):
-    kind = dict(rotation=cfg.synthetic_rotation, background=cfg.synthetic_background)  # evaluate.py reads these too
+    kind = variant(vars(cfg))  # the synthetic set's angle range and background (evaluate.py reads the same keys)
     images = (ImageFolderDataset(cfg.data) if cfg.data
               else SyntheticDataset(cfg.synthetic_images, cfg.synthetic_size, seed=cfg.seed, **kind))
     augment = MultiCropAugmentation(cfg.global_size, cfg.local_size, cfg.n_local, tuple(cfg.global_scale),
@@ -475,7 +476,7 @@ def build_monitor(cfg, n_images):
         bank, queries = (torch.utils.data.Subset(images, order[half::2][:n].tolist()) for half in (0, 1))
         n_classes = len(images.classes)
     else:
-        kind = dict(rotation=cfg.synthetic_rotation, background=cfg.synthetic_background)
+        kind = variant(vars(cfg))
         bank = SyntheticDataset(n=min(n, n_images), size=cfg.synthetic_size, seed=cfg.seed, **kind)
         queries = SyntheticDataset(n=n, size=cfg.synthetic_size, seed=cfg.seed + 1, **kind)
         n_classes = bank.n_classes

@@ -38,6 +38,7 @@ import cli  # noqa: E402
 import data  # noqa: E402
 from cli import UserError, arg  # noqa: E402
 from data import to_tensor  # noqa: E402
+from synthetic import variant  # noqa: E402
 from distributed import pick_device  # noqa: E402
 from evaluate import (DEFAULT_WEIGHTS, border_mask, first_principal_component, load_backbone,  # noqa: E402
                       round_to_patch, saw_only_grey, to_grey, training_config)
@@ -279,9 +280,7 @@ def main(argv=None) -> Path:
         synthetic = not cfg.images
         run = {} if cfg.random else training_config(cfg.weights or DEFAULT_WEIGHTS)  # the run that wrote the weights
         if synthetic:  # the variant of the synthetic set that run trained on
-            ds = data.SyntheticDataset(n=cfg.n_synthetic, size=128, seed=1,
-                                       rotation=float(run.get("synthetic_rotation", 360.0)),
-                                       background=str(run.get("synthetic_background", "texture")))
+            ds = data.SyntheticDataset(n=cfg.n_synthetic, size=128, seed=1, **variant(run))
             images = [(f"synthetic {i}", ds.sample(i)[0]) for i in range(cfg.n_synthetic)]
         else:
             images = collect_images(cfg.images)
