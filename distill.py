@@ -44,7 +44,7 @@ class DistillConfig(Config):
 # views must be the ones the teacher learned on.
 FROM_TEACHER = ("patch_size", "n_prototypes", "separate_ibot_head", "ibot_n_prototypes", "centering",
                 "global_size", "local_size", "n_local", "synthetic_images", "synthetic_size", "synthetic_rotation",
-                "synthetic_background", "data")
+                "synthetic_background", "synthetic_object_size", "data")
 MUST_MATCH = ("patch_size", "n_prototypes", "ibot_n_prototypes", "separate_ibot_head")
 
 

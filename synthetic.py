@@ -15,6 +15,7 @@ from PIL import Image, ImageDraw
 
 
 BACKGROUNDS = ("texture", "plain")
+OBJECT_SIZE = (0.25, 0.45)  # the radius of a shape's unit disc, as a fraction of the image side (a range)
 SYNTHETIC_SHAPES = ("circle", "square", "triangle", "cross", "ring", "star", "ellipse", "crescent", "arrow",
                     "semicircle")
 
@@ -66,9 +67,10 @@ def _draw_shape(name, size, center, radius, angle) -> Image.Image:
 
 def variant(config: dict) -> dict:
     """The set's variant in a run's config (train.py's synthetic_* flags) as SyntheticDataset keywords; the defaults
-    (any angle, textured) for a config that predates the flags, so a run is always read on the images it saw."""
+    (any angle, textured, radius 0.25-0.45) for a config that predates a flag, so a run is read on the images it saw."""
     return dict(rotation=float(config.get("synthetic_rotation", 360.0)),
-                background=str(config.get("synthetic_background", "texture")))
+                background=str(config.get("synthetic_background", "texture")),
+                object_size=tuple(float(r) for r in config.get("synthetic_object_size", OBJECT_SIZE)))
 
 
 class SyntheticDataset(torch.utils.data.Dataset):
@@ -81,13 +83,16 @@ class SyntheticDataset(torch.utils.data.Dataset):
     distinct. Labels are i % n_classes (balanced). Everything is a function of (seed, index): sample(i) is the same
     in every process and every epoch.
 
-    Two knobs make the set easier without giving any class a shortcut (ABLATIONS.md §6-7 measure them):
+    Three knobs change the set without giving any class a shortcut (ABLATIONS.md §6-8 measure them):
     rotation: the angle is drawn from [0, rotation) degrees (360: any angle; 0: every shape upright).
     background: "texture" (noise, stripes or gradients) or "plain" (one muted colour per image, the mean of the
     texture that image would have had, so the two variants share every other draw).
+    object_size: (min, max) of the radius of the shape's unit disc as a fraction of the side, at most 0.5 (the
+    object must fit); small objects wander further, which a template match of the pixels cannot follow.
     """
 
-    def __init__(self, n=1024, size=224, n_classes=8, seed=0, transform=None, rotation=360.0, background="texture"):
+    def __init__(self, n=1024, size=224, n_classes=8, seed=0, transform=None, rotation=360.0, background="texture",
+                 object_size=OBJECT_SIZE):
         if not 1 <= n_classes <= len(SYNTHETIC_SHAPES):
             raise ValueError(f"n_classes must be between 1 and {len(SYNTHETIC_SHAPES)} (one shape per class), "
                              f"got {n_classes}")
@@ -95,8 +100,12 @@ class SyntheticDataset(torch.utils.data.Dataset):
             raise ValueError(f"rotation must be between 0 and 360 degrees, got {rotation}")
         if background not in BACKGROUNDS:
             raise ValueError(f"background must be one of {', '.join(BACKGROUNDS)}, got {background!r}")
+        lo, hi = (float(r) for r in object_size)
+        if not 0 < lo <= hi <= 0.5:
+            raise ValueError(f"object_size must be a radius range 0 < min <= max <= 0.5 (fractions of the side), "
+                             f"got {tuple(object_size)}")
         self.n, self.size, self.n_classes, self.seed, self.transform = n, size, n_classes, seed, transform
-        self.rotation, self.background = float(rotation), background
+        self.rotation, self.background, self.object_size = float(rotation), background, (lo, hi)
         self.classes = list(SYNTHETIC_SHAPES[:n_classes])
         self.targets = [i % n_classes for i in range(n)]
 
@@ -132,7 +141,7 @@ class SyntheticDataset(torch.utils.data.Dataset):
         shape = SYNTHETIC_SHAPES[label]
         # The radius of the shape's unit disc, its centre and angle: the same distributions for every class (drawing
         # an *area* instead would make thin shapes smaller on average, a size shortcut to the label).
-        radius = rng.uniform(0.25, 0.45) * self.size
+        radius = rng.uniform(*self.object_size) * self.size
         center = rng.uniform(radius, self.size - radius, size=2)
         mask_img = _draw_shape(shape, self.size, center, radius, rng.uniform(0, math.radians(self.rotation)))
         fg = np.asarray(mask_img) > 0

@@ -84,6 +84,8 @@ class Config:
     synthetic_size: int = arg(128, "its image side in pixels")
     synthetic_rotation: float = arg(360.0, "synthetic objects' angle range in degrees (0 = all upright)")
     synthetic_background: str = arg("texture", "texture | plain (one muted colour per image)")
+    synthetic_object_size: tuple[float, float] = arg((0.25, 0.45), "range of the objects' radius, as a fraction of "
+                                                                    "the image side (at most 0.5)")
     global_size: int = arg(224, "global crop side in pixels")
     local_size: int = arg(98, "local crop side in pixels")
     n_local: int = arg(8, "local crops per image")
@@ -169,6 +171,8 @@ def check_config(cfg):
     for name in ("drop_path", "p_grayscale", "mask_probability", "momentum_teacher", "layer_decay"):
         need(0 <= getattr(cfg, name) <= 1, name, "must be between 0 and 1")
     need(0 <= cfg.synthetic_rotation <= 360, "synthetic_rotation", "must be between 0 and 360 degrees")
+    lo, hi = cfg.synthetic_object_size
+    need(0 < lo <= hi <= 0.5, "synthetic_object_size", "must be MIN MAX with 0 < MIN <= MAX <= 0.5")
     need(0 <= cfg.hue_jitter <= 0.5, "hue_jitter", "must be between 0 and 0.5 (a hue shift of +-0.5 is any hue)")
     need(cfg.num_workers >= -1, "num_workers", "must be >= 0, or -1 for auto")
     for name in ("global_scale", "local_scale"):

@@ -627,3 +627,18 @@ def test_synthetic_variants_upright_and_plain():
         assert np.abs(bg.mean(0) - t_px[~t_fg].mean(0)).max() < 10  # the texture's mean colour (over all pixels)
     default = SyntheticDataset(n=8, size=48, seed=5)
     assert default.rotation == 360 and default.background == "texture"
+
+
+def test_synthetic_object_size_sets_the_radius():
+    for bad in ((0, 0.2), (0.3, 0.2), (0.2, 0.6)):
+        with pytest.raises(ValueError, match="object_size"):
+            SyntheticDataset(n=4, object_size=bad)
+    circles = range(0, 80, 8)  # class 0 is the circle: its mask area is pi r^2, r = radius fraction x side
+    for lo, hi in ((0.1, 0.15), (0.3, 0.45)):
+        ds = SyntheticDataset(n=80, size=96, seed=3, object_size=(lo, hi))
+        for i in circles:
+            r = math.sqrt(ds.sample(i)[2].sum() / math.pi) / 96
+            assert lo - 0.01 <= r <= hi + 0.01
+    # the default range is the one the set always had: the same images as spelling it out
+    a, b = SyntheticDataset(n=4, size=48, seed=1), SyntheticDataset(n=4, size=48, seed=1, object_size=(0.25, 0.45))
+    assert all(np.array_equal(np.asarray(a.sample(i)[0]), np.asarray(b.sample(i)[0])) for i in range(4))

@@ -362,7 +362,7 @@ def test_evaluation_reads_the_run_s_images_grey_and_variant(tmp_path, capsys):
                          "--no-baseline"])
     out = capsys.readouterr().out
     assert res["grey"] is True and res["size"] == 32 and "raw pixels 28x28, grey" in out
-    assert "synthetic={'rotation': 0.0, 'background': 'plain'}" in out
+    assert "synthetic={'rotation': 0.0, 'background': 'plain', 'object_size': (0.25, 0.45)}" in out
     # the raw-pixel floor was taken on those images: recompute it by hand on the same draws, grey
     variant = dict(n_classes=8, rotation=0.0, background="plain")
     train_set, val_set = ([(evaluate.to_grey(img), y) for img, y in evaluate.data.SyntheticDataset(40, 48, seed=seed,

@@ -150,6 +150,15 @@ def test_flag_out_of_range_is_a_usage_error(capsys, flag, value, says):
         train.Config(**{name: value if isinstance(default, str) else type(default)(float(value))})
 
 
+def test_object_size_out_of_range_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        config("unused", "--synthetic-object-size", "0.3", "0.6")
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--synthetic-object-size must be MIN MAX with 0 < MIN <= MAX <= 0.5" in err
+    with pytest.raises(ValueError, match="--synthetic-object-size"):
+        train.Config(synthetic_object_size=(0.3, 0.2))
+
+
 def test_scales_must_be_ordered_fractions(capsys):
     with pytest.raises(SystemExit):
         config("unused", "--local-scale", "0.5", "0.1")
