@@ -2,8 +2,7 @@
 
 Paper §7 (Results: frozen-feature k-NN and linear evaluation on ImageNet-1k, and the qualitative PCA of patch
 features) with the released protocols of `dinov2/eval/knn.py` and `dinov2/eval/linear.py`. The backbone is
-never trained here: features are extracted once, cached, and
-every protocol works on the cache.
+never trained here: features are extracted once, cached, and every protocol works on the cache.
 
 Public names, in reading order:
     pick_device, load_backbone, random_like       -- the frozen network to evaluate (and its random twin)
@@ -56,9 +55,7 @@ DEFAULT_WEIGHTS = Path("runs/train/teacher_backbone.pth")
 
 
 def _freeze(model: nn.Module, device) -> nn.Module:
-    model.to(device).eval()
-    model.requires_grad_(False)  # frozen features: nothing here ever needs a gradient of the backbone
-    return model
+    return model.to(device).eval().requires_grad_(False)  # frozen: nothing here needs a gradient of the backbone
 
 
 def load_backbone(weights=None, arch: str = "vit_tiny", device=None, random_init: bool = False,
@@ -374,9 +371,8 @@ def linear_probe(train: dict, val: dict, n_classes: int, epochs: int = 10, batch
                  seed: int = 0, device=None, epoch_length: int = 1250) -> dict:
     """Train every (n_blocks, avgpool, lr) linear classifier at once on cached features; pick one; report val.
 
-    An epoch is `epoch_length` iterations whatever the dataset size, as in the released linear eval (10 x 1250 =
-    12,500 iterations of 128 images): on a small labelled set that is many passes, and the classifiers converge
-    (on 1,800 cached images, 10 passes left them short by ~8 points of val top-1).
+    An epoch is `epoch_length` iterations whatever the data size, as in the released linear eval (10 x 1250 steps of
+    128): on 1,800 cached images, 10 passes instead left the classifiers ~8 points of val top-1 short of converged.
     train, val: dicts of extract_features. Returns {"best": {...}, "classifiers": [{...} x 52],
     "val_top1_selected_on_val": what the released selection (best on val) would report}.
     """
@@ -424,14 +420,11 @@ def linear_probe(train: dict, val: dict, n_classes: int, epochs: int = 10, batch
     # NOTE(deviation): the released probe trains on RandomResizedCrop + flip views of the images through the frozen
     # backbone; we train on cached centre-crop features (no augmentation): one extraction pass instead of one per
     # step, so the probe runs in seconds on a CPU; it typically costs a little accuracy on large datasets.
-    n_fit = len(fit_idx)
-    total = epochs * epoch_length
-
-    def batches():  # endless shuffled passes over the fit split (the released infinite sampler), batch_size rows each
+    n_fit, total = len(fit_idx), epochs * epoch_length
+    def batches():  # endless shuffled passes over the fit split (the released infinite sampler)
         while True:
             order = torch.randperm(n_fit, generator=g).to(device)
-            yield from (order[start:start + batch_size] for start in range(0, n_fit, batch_size))
-
+            yield from (order[i:i + batch_size] for i in range(0, n_fit, batch_size))
     for step, idx in zip(tqdm(range(total), desc="linear probe", leave=False, mininterval=1.0), batches()):
         # cosine annealing to 0 over the whole run (CosineAnnealingLR(T_max=total, eta_min=0)), a plain function
         for group, lr in zip(optimizer.param_groups, base_lrs):

@@ -154,7 +154,7 @@ def test_object_size_out_of_range_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as e:
         config("unused", "--synthetic-object-size", "0.3", "0.6")
     err = capsys.readouterr().err
-    assert e.value.code == 2 and "--synthetic-object-size must be MIN MAX with 0 < MIN <= MAX <= 0.5" in err
+    assert e.value.code == 2 and "--synthetic-object-size must be two radius fractions 0 < low <= high <= 0.5" in err
     with pytest.raises(ValueError, match="--synthetic-object-size"):
         train.Config(synthetic_object_size=(0.3, 0.2))
 
