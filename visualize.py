@@ -10,13 +10,14 @@ of a training run.
 Public names, in reading order:
     resize_to_patches, collect_images        -- any image, any aspect ratio, to a whole number of patches
     pca_maps, cls_attention, plot_features   -- the PCA / attention figure
-    plot_schedules, read_metrics, plot_curves
+    plot_schedules, read_metrics, plot_curves, monitor_series, plot_compare
     VizConfig, main
 
 Commands:
     python visualize.py                                    # 4 synthetic images through runs/train/teacher_backbone.pth
     python visualize.py photos/ --weights dinov2_vits14_reg4_pretrain.pth --size 448 --attention --out viz.png
     python visualize.py --curves runs/train --out curves.png
+    python visualize.py --compare runs/train runs/long --out compare.png   # k-NN monitors of several runs
 
 Shape alphabet: N patches, D width, H heads, h x w patch grid.
 """
@@ -205,12 +206,17 @@ def _is_curve(key: str) -> bool:
             or key.startswith(LOSS_TERMS))
 
 
-def plot_curves(run_dir: str, out: str) -> Path:
-    """Every loss term and the lr of RUN_DIR/metrics.jsonl against the step, one panel each."""
-    path = Path(run_dir)
+def _metrics_path(run: str, flag: str) -> Path:
+    path = Path(run)
     path = path / "metrics.jsonl" if path.is_dir() else path
     if not path.is_file():
-        raise cli.MissingFile(f"--curves: no metrics file at {path} (run `python train.py` first)")
+        raise cli.MissingFile(f"{flag}: no metrics file at {path} (run `python train.py` first)")
+    return path
+
+
+def plot_curves(run_dir: str, out: str) -> Path:
+    """Every loss term and the lr of RUN_DIR/metrics.jsonl against the step, one panel each."""
+    path = _metrics_path(run_dir, "--curves")
     rows = read_metrics(path)
     keys = list(dict.fromkeys(k for r in rows for k, v in r.items()  # first-seen order, loss terms first, lr last
                               if _is_curve(k) and isinstance(v, (int, float)) and not isinstance(v, bool)))
@@ -241,6 +247,42 @@ def plot_curves(run_dir: str, out: str) -> Path:
     return _save(fig, out)
 
 
+def monitor_series(rows: list) -> tuple:
+    """The k-NN monitor of one run's metrics rows: (steps, k-NN top-1 %, raw-pixel k-NN % or None)."""
+    pts = [(r.get("step", i), r["knn_top1"]) for i, r in enumerate(rows)
+           if isinstance(r.get("knn_top1"), (int, float)) and math.isfinite(r["knn_top1"])]
+    raw = [r["knn_raw_pixels"] for r in rows if isinstance(r.get("knn_raw_pixels"), (int, float))]
+    steps, knn = (list(t) for t in zip(*pts)) if pts else ([], [])
+    return steps, knn, (raw[-1] if raw else None)
+
+
+def plot_compare(runs: list, out: str) -> Path:
+    """The k-NN monitors of several runs on one axis (does more compute, or a flag, help?), each with its raw-pixel
+    line, and their learning rates beside it (where each run's schedule ends)."""
+    fig, (ax, ax_lr) = plt.subplots(1, 2, figsize=(10, 3.4), gridspec_kw=dict(width_ratios=(2, 1)))
+    raw_drawn = set()  # runs on the same monitor split share one raw-pixel line
+    for i, run in enumerate(runs):
+        rows = read_metrics(_metrics_path(run, "--compare"))
+        steps, knn, raw = monitor_series(rows)
+        if not steps:
+            raise UserError(f"--compare: {run} logged no k-NN monitor (train with --monitor-every N > 0)")
+        colour = f"C{i}"
+        ax.plot(steps, knn, marker="o", markersize=3, color=colour, label=f"{Path(run).name}  (last {knn[-1]:.1f})")
+        if raw is not None and round(raw, 3) not in raw_drawn:
+            raw_drawn.add(round(raw, 3))
+            ax.axhline(raw, color=colour, linestyle="--", linewidth=0.8, label=f"raw pixels ({raw:.1f})")
+        lr = [(r.get("step", j), r["lr"]) for j, r in enumerate(rows) if isinstance(r.get("lr"), (int, float))]
+        if lr:
+            ax_lr.plot(*zip(*lr), color=colour)
+    ax.set_title("k-NN top-1 % of the teacher (online monitor)", fontsize=9)
+    ax.legend(fontsize=7)
+    ax_lr.set_title("learning rate", fontsize=9)
+    for a in (ax, ax_lr):
+        a.set_xlabel("step")
+    fig.tight_layout()
+    return _save(fig, out)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Command line
 
@@ -256,6 +298,7 @@ class VizConfig:
     n_synthetic: int = arg(4, "synthetic images when none are given")
     out: str = arg("viz.png", "the PNG to write")
     curves: str | None = arg(None, "plot the curves of this run folder (or metrics.jsonl) instead")
+    compare: list[str] = arg([], "run folders (or metrics.jsonl files): their k-NN monitors on one plot instead")
 
     def __post_init__(self):
         if self.weights is not None and self.random:
@@ -264,6 +307,8 @@ class VizConfig:
             raise ValueError(f"--size must be >= 1, got {self.size}")
         if self.n_synthetic < 1:
             raise ValueError(f"--n-synthetic must be >= 1, got {self.n_synthetic}")
+        if self.curves and self.compare:
+            raise ValueError("pass either --curves or --compare, not both")
 
 
 def parse_config(argv=None) -> VizConfig:
@@ -276,6 +321,8 @@ def main(argv=None) -> Path:
     print(f"config: {asdict(cfg)}")
     if cfg.curves:
         out = plot_curves(cfg.curves, cfg.out)
+    elif cfg.compare:
+        out = plot_compare(cfg.compare, cfg.out)
     else:
         synthetic = not cfg.images
         run = {} if cfg.random else training_config(cfg.weights or DEFAULT_WEIGHTS)  # the run that wrote the weights

@@ -151,3 +151,26 @@ def test_hub_layout_weights_with_registers(tmp_path):
     out = visualize.main([str(tmp_path / "a.png"), "--weights", str(tmp_path / "reg.pth"), "--size", "42",
                           "--attention", "--out", str(tmp_path / "reg.png")])
     assert _png_size(out)[0] > 0
+
+
+def test_compare_reads_each_runs_monitor(tmp_path):
+    # two runs of different lengths; the monitor logged on some rows only, the raw-pixel line on the same rows
+    for name, n, slope in (("short", 5, 2.0), ("long", 15, 1.0)):
+        rows = [dict(step=10 * s, loss=1.0, lr=1e-3) for s in range(1, n + 1)]
+        for r in rows[1::2]:
+            r.update(knn_top1=20.0 + slope * r["step"] / 10, knn_raw_pixels=42.0)
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    steps, knn, raw = visualize.monitor_series(visualize.read_metrics(tmp_path / "short" / "metrics.jsonl"))
+    assert steps == [20, 40] and knn == [24.0, 28.0] and raw == 42.0
+    out = visualize.main(["--compare", str(tmp_path / "short"), str(tmp_path / "long"),
+                          "--out", str(tmp_path / "cmp.png")])
+    assert min(_png_size(out)) > 0
+    (tmp_path / "nomon").mkdir()
+    (tmp_path / "nomon" / "metrics.jsonl").write_text(json.dumps(dict(step=1, loss=1.0)) + "\n")
+    with pytest.raises(ValueError, match="logged no k-NN monitor"):
+        visualize.main(["--compare", str(tmp_path / "short"), str(tmp_path / "nomon"), "--out", str(out)])
+    with pytest.raises(FileNotFoundError, match="--compare: no metrics file"):
+        visualize.main(["--compare", str(tmp_path / "nowhere"), "--out", str(out)])
+    with pytest.raises(SystemExit):  # a usage error: one plot at a time
+        visualize.main(["--curves", str(tmp_path / "short"), "--compare", str(tmp_path / "long")])
