@@ -267,7 +267,7 @@ def plot_compare(runs: list, out: str) -> Path:
         if not steps:
             raise UserError(f"--compare: {run} logged no k-NN monitor (train with --monitor-every N > 0)")
         colour = f"C{i}"
-        ax.plot(steps, knn, marker="o", markersize=3, color=colour, label=f"{Path(run).name}  (last {knn[-1]:.1f})")
+        ax.plot(steps, knn, marker="o", markersize=3, color=colour, label=f"{run}  (last {knn[-1]:.1f})")
         if raw is not None and round(raw, 3) not in raw_drawn:
             raw_drawn.add(round(raw, 3))
             ax.axhline(raw, color=colour, linestyle="--", linewidth=0.8, label=f"raw pixels ({raw:.1f})")
