@@ -42,7 +42,7 @@ from cli import arg
 from data import (DROP_PATH, GlobalBatchSampler, ImageFolderDataset, MaskingGenerator, MultiCropAugmentation,
                   MultiCropCollate, MultiCropDataset, SyntheticDataset, stream_seed)
 from distributed import barrier, local_tensor, print0
-from synthetic import variant
+from synthetic import BACKGROUNDS, OBJECT_SIZE, variant
 from checkpoint import Checkpointer
 from metrics import TERMS, Logger, plot_run
 from plan import compute_dtype, resolve_strategy
@@ -84,7 +84,7 @@ class Config:
     synthetic_size: int = arg(128, "its image side in pixels")
     synthetic_rotation: float = arg(360.0, "synthetic objects' angle range in degrees (0 = all upright)")
     synthetic_background: str = arg("texture", "texture | plain (one muted colour per image)")
-    synthetic_object_size: tuple[float, float] = arg((0.25, 0.45), "objects' radius range, fractions of the side")
+    synthetic_object_size: tuple[float, float] = arg(OBJECT_SIZE, "objects' radius range, fractions of the side")
     global_size: int = arg(224, "global crop side in pixels")
     local_size: int = arg(98, "local crop side in pixels")
     n_local: int = arg(8, "local crops per image")
@@ -150,7 +150,7 @@ def check_config(cfg):
 
     choices = dict(ffn=("auto", "mlp", "swiglu"), centering=("softmax", "sinkhorn_knopp"), blur=("paper", "released"),
                    strategy=("auto", "none", "ddp", "fsdp"), dtype=("auto", "bf16", "fp32"),
-                   synthetic_background=("texture", "plain"))
+                   synthetic_background=BACKGROUNDS)
     for name, known in choices.items():
         need(getattr(cfg, name) in known, name, f"must be one of {', '.join(known)}")
     need(cfg.arch in vit.ARCHS, "arch", f"must be one of {', '.join(sorted(vit.ARCHS))}")
@@ -439,7 +439,7 @@ def build_models(cfg, strategy, device):
 # Data (data.py): multi-crop views, masks, and a stream of global batches whose slices go to the ranks.
 
 def build_data(cfg, rank, world, start_step, device):
-    kind = variant(vars(cfg))  # the synthetic set's angle range and background (evaluate.py reads the same keys)
+    kind = variant(vars(cfg))  # the synthetic set's angles, background, object size (evaluate.py reads the same)
     images = (ImageFolderDataset(cfg.data) if cfg.data
               else SyntheticDataset(cfg.synthetic_images, cfg.synthetic_size, seed=cfg.seed, **kind))
     augment = MultiCropAugmentation(cfg.global_size, cfg.local_size, cfg.n_local, tuple(cfg.global_scale),
