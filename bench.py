@@ -40,8 +40,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-import distributed
-import plan
+from util import distributed
+from util import plan
 import train
 from data import MultiCropAugmentation
 

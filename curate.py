@@ -41,11 +41,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import cli
-import distributed
-from cli import arg
+from util import cli
+from util import distributed
+from util.cli import arg
 from data import to_tensor
-from distributed import gather_shards, is_dist, pick_device, print0, rank_world
+from util.distributed import gather_shards, is_dist, pick_device, print0, rank_world
 from knn import ShardedKNN, hierarchical_kmeans, knn, shard_range
 
 
@@ -356,7 +356,7 @@ class CurateConfig:
     seeds: str = arg("", "folder or .txt list of curated seed images; empty: balance the whole pool (Vo et al.)")
     exclude: str = arg("", "evaluation images: their near-duplicates leave the pool")
     out: str = arg("runs/curate", "curated.txt, report.json, clusters.png, embeddings/")
-    weights: str = arg("", "backbone checkpoint (vit.from_pretrained); empty: a random --arch, with a warning")
+    weights: str = arg("", "backbone checkpoint (util.weights.from_pretrained); empty: a random --arch, with a warning")
     arch: str = arg("vit_small", "used only without --weights")
     size: int = arg(224, "images resized to size x size (rounded to a multiple of the patch)")
     batch_size: int = arg(64, "images per embedding batch")

@@ -24,12 +24,12 @@ import os
 from dataclasses import dataclass
 
 
-import cli
-import distributed
-import plan
+from util import cli
+from util import distributed
+from util import plan
 import train
-import vit
-from cli import arg
+from util.cli import arg
+from util.weights import read_checkpoint
 from train import Config
 
 
@@ -53,7 +53,7 @@ def read_teacher(path):
         raise cli.MissingFile(f"teacher checkpoint {path!r} not found: train one with `python train.py` (it writes "
                               f"runs/train/teacher.pth), or see the README for a released backbone")
     # mmap: the config is read twice (flags, then the teacher), and a vit_g teacher.pth is gigabytes
-    ckpt = vit.read_checkpoint(path, mmap=True)  # corrupt, truncated or text: a UserError naming the file
+    ckpt = read_checkpoint(path, mmap=True)  # corrupt, truncated or text: a UserError naming the file
     if not (isinstance(ckpt, dict) and "model" in ckpt and "config" in ckpt):
         raise cli.UserError(f"{path} is not a train.py teacher.pth (expected keys 'model' and 'config'; a "
                             f"backbone-only file such as the released weights needs heads first: train.py "

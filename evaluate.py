@@ -38,13 +38,14 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-import cli
+from util import cli
 import data
 import vit
 from data import to_tensor
-from synthetic import variant
-from distributed import pick_device, print0, rank_world
-from cli import MissingFile, UserError, arg
+from data import variant
+from util.distributed import pick_device, print0, rank_world
+from util.cli import MissingFile, UserError, arg
+from util.weights import from_pretrained, read_checkpoint
 from knn import ShardedKNN, shard_range
 
 DEFAULT_WEIGHTS = Path("runs/train/teacher_backbone.pth")
@@ -62,7 +63,7 @@ def load_backbone(weights=None, arch: str = "vit_tiny", device=None, random_init
                   img_size: int = 112, seed: int = 0, layerscale: float | None = 1e-5) -> nn.Module:
     """The frozen backbone to evaluate, in eval mode, without gradients.
 
-    weights: a backbone file in any layout vit.from_pretrained understands (hub, train.py, training checkpoint);
+    weights: a backbone file in any layout util.weights.from_pretrained understands (hub, train.py, training checkpoint);
     None -> runs/train/teacher_backbone.pth, the output of `python train.py`.
     random_init: a randomly initialised `arch` instead (the baseline every number should be compared with), with
     LayerScale at `layerscale` (None: no LayerScale), the same network on every rank and every call for one seed.
@@ -86,7 +87,7 @@ def load_backbone(weights=None, arch: str = "vit_tiny", device=None, random_init
     if not path.exists():
         raise MissingFile(f"weights file not found: {path}")
     try:  # a file or a Hugging Face folder; a training checkpoint folder is an error that says what to pass
-        model = vit.from_pretrained(str(path))
+        model = from_pretrained(str(path))
     except KeyError as e:  # a tensor the layout needs is missing
         raise UserError(f"could not load a ViT backbone from {path}: no tensor {e}") from e
     return _freeze(model, device)
@@ -101,7 +102,7 @@ def training_config(weights) -> dict:
             run_file = Path(weights).parent / name
             if run_file.is_file():
                 try:  # only a hint: a file beside the weights that does not read must not cost the evaluation
-                    config = vit.read_checkpoint(run_file, mmap=True).get("config", {})
+                    config = read_checkpoint(run_file, mmap=True).get("config", {})
                     return dict(config) if isinstance(config, dict) else {}
                 except (UserError, AttributeError) as e:
                     warnings.warn(f"ignoring {run_file} beside the weights ({e}); using the default sizes")
@@ -522,7 +523,7 @@ def segmentation_iou(model: nn.Module, dataset, n_images: int = 200, size: int =
 
 @dataclass
 class EvalConfig:
-    weights: str | None = arg(None, "backbone file (any layout vit.from_pretrained reads); none: "
+    weights: str | None = arg(None, "backbone file (any layout util.weights.from_pretrained reads); none: "
                                     "runs/train/teacher_backbone.pth")
     arch: str = arg("vit_tiny", "architecture of --random (a weights file carries its own)")
     random: bool = arg(False, "evaluate a randomly initialised --arch instead of weights")

@@ -3,23 +3,24 @@ dinov2_vits14, dinov2_vitb14, dinov2_vitl14, dinov2_vitg14 and their 4-register 
 
     model = torch.hub.load("path/to/this/repo", "dinov2_vits14", source="local", weights="dinov2_vits14.pth")
 
-weights: a path to any checkpoint vit.from_pretrained reads (a hub .pth such as train.py's teacher_backbone.pth, a
+weights: a path to any checkpoint util.weights.from_pretrained reads (a hub .pth such as train.py's
+teacher_backbone.pth, a
 Hugging Face folder or .safetensors file, a timm file). Nothing is downloaded (this repository never fetches
 weights), so pretrained=True without weights is an error that says so; pretrained=False gives a random init.
 Other keyword arguments go to vit.VisionTransformer (e.g. img_size=224, depth=2).
 """
-# torch.hub looks for a file of this name at the repository root; the entry points themselves live in vit.py
-# (vit.hub_model), beside the rest of the weight loading. One line each, so that torch.hub.list() finds them by name.
-import vit
+# torch.hub looks for a file of this name at the repository root; the entry points themselves live in util/weights.py
+# (hub_model), beside the rest of the weight loading. One line each, so that torch.hub.list() finds them by name.
+from util import weights as _weights  # private: torch.hub lists every public callable here
 
 dependencies = ["torch"]
 
 
-def dinov2_vits14(**kwargs): return vit.hub_model("dinov2_vits14", **kwargs)  # noqa: E704
-def dinov2_vitb14(**kwargs): return vit.hub_model("dinov2_vitb14", **kwargs)  # noqa: E704
-def dinov2_vitl14(**kwargs): return vit.hub_model("dinov2_vitl14", **kwargs)  # noqa: E704
-def dinov2_vitg14(**kwargs): return vit.hub_model("dinov2_vitg14", **kwargs)  # noqa: E704
-def dinov2_vits14_reg(**kwargs): return vit.hub_model("dinov2_vits14_reg", **kwargs)  # noqa: E704
-def dinov2_vitb14_reg(**kwargs): return vit.hub_model("dinov2_vitb14_reg", **kwargs)  # noqa: E704
-def dinov2_vitl14_reg(**kwargs): return vit.hub_model("dinov2_vitl14_reg", **kwargs)  # noqa: E704
-def dinov2_vitg14_reg(**kwargs): return vit.hub_model("dinov2_vitg14_reg", **kwargs)  # noqa: E704
+def dinov2_vits14(**kwargs): return _weights.hub_model("dinov2_vits14", **kwargs)  # noqa: E704
+def dinov2_vitb14(**kwargs): return _weights.hub_model("dinov2_vitb14", **kwargs)  # noqa: E704
+def dinov2_vitl14(**kwargs): return _weights.hub_model("dinov2_vitl14", **kwargs)  # noqa: E704
+def dinov2_vitg14(**kwargs): return _weights.hub_model("dinov2_vitg14", **kwargs)  # noqa: E704
+def dinov2_vits14_reg(**kwargs): return _weights.hub_model("dinov2_vits14_reg", **kwargs)  # noqa: E704
+def dinov2_vitb14_reg(**kwargs): return _weights.hub_model("dinov2_vitb14_reg", **kwargs)  # noqa: E704
+def dinov2_vitl14_reg(**kwargs): return _weights.hub_model("dinov2_vitl14_reg", **kwargs)  # noqa: E704
+def dinov2_vitg14_reg(**kwargs): return _weights.hub_model("dinov2_vitg14_reg", **kwargs)  # noqa: E704

@@ -34,7 +34,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from distributed import all_gather_cat, all_reduce_sum, gather_shards, is_dist, rank_world
+from util.distributed import all_gather_cat, all_reduce_sum, gather_shards, is_dist, rank_world
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -34,18 +34,18 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-import cli
-import distributed
-import plan
+from util import cli
+from util import distributed
+from util import plan
 import vit
-from cli import arg
+from util.cli import arg
 from data import (DROP_PATH, GlobalBatchSampler, ImageFolderDataset, MaskingGenerator, MultiCropAugmentation,
                   MultiCropCollate, MultiCropDataset, SyntheticDataset, stream_seed)
-from distributed import barrier, local_tensor, print0
-from synthetic import BACKGROUNDS, OBJECT_SIZE, variant
-from checkpoint import Checkpointer
-from metrics import TERMS, Logger, plot_run
-from plan import compute_dtype, resolve_strategy
+from util.distributed import barrier, local_tensor, print0
+from data import BACKGROUNDS, OBJECT_SIZE, variant
+from util.checkpoint import Checkpointer
+from util.runlog import TERMS, Logger, plot_run
+from util.plan import compute_dtype, resolve_strategy
 from losses import DINOHead, SoftmaxCentering, dino_loss, ibot_loss, koleo_loss, sinkhorn_knopp
 
 

@@ -35,12 +35,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-import cli  # noqa: E402
+from util import cli  # noqa: E402
 import data  # noqa: E402
-from cli import UserError, arg  # noqa: E402
+from util.cli import UserError, arg  # noqa: E402
 from data import to_tensor  # noqa: E402
-from synthetic import variant  # noqa: E402
-from distributed import pick_device  # noqa: E402
+from data import variant  # noqa: E402
+from util.distributed import pick_device  # noqa: E402
 from evaluate import (DEFAULT_WEIGHTS, border_mask, first_principal_component, load_backbone,  # noqa: E402
                       round_to_patch, saw_only_grey, to_grey, training_config)
 

@@ -8,42 +8,26 @@ al., 2023). Parameter names equal those of the released torch.hub backbones, so 
 official weights load with strict=True (every number here is the released `dinov2/models/vision_transformer.py`'s
 and `dinov2/layers/*`'s).
 
-The same weights also load from and export to the layouts of Hugging Face transformers (Dinov2Model,
-Dinov2WithRegistersModel) and timm (vit_*_patch14_dinov2), without importing either library: weights.py reads the
-files and holds the layouts, this file builds the model and loads them into it.
+The same weights also load from and export to the layouts of Hugging Face transformers and timm: the support
+package's util/weights.py reads the files and holds the layouts; this file builds the model and loads a state dict of
+the released layout into it, strictly.
 
 Public names, in reading order:
     PatchEmbed, Attention, Mlp, SwiGLUFFN, LayerScale, drop_path, drop_add_residual_stochastic_depth, Block,
     resample_pos_embed, VisionTransformer,
-    vit_tiny, vit_small, vit_base, vit_large, vit_giant2, ARCHS, ARCH_BY_WIDTH, build_model,
-    (from weights.py: read_checkpoint, LAYOUTS, checkpoint_layout, hub_to_hf, hf_to_hub, hub_to_timm, timm_to_hub,
-    hf_config, timm_create_call), export, HUB_ENTRY_POINTS, hub_model, backbone_state_dict_from, load_pretrained,
-    from_pretrained, Config, main
-
-Commands (parameter count and forward FLOPs of one image; a checkpoint written in another layout):
-    python vit.py --arch vit_s --size 224
-    python vit.py --convert runs/train/teacher_backbone.pth --to hf --out runs/train/teacher_hf
+    vit_tiny, vit_small, vit_base, vit_large, vit_giant2, ARCHS, build_model, ARCH_BY_WIDTH, load_pretrained
 
 Shapes: B batch, N tokens, D width, H heads, Dh head dim, R registers.
 """
-import json
 import math
 import os
-import re
-from collections.abc import Mapping
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.utils.checkpoint
 import torch.nn as nn
 import torch.nn.functional as F
 
-import cli
-from weights import (ARCH_BY_WIDTH, LAYOUTS, _VIT_KEYS, _describe, _list_keys, _safetensors,
-                     checkpoint_layout, hf_config, hf_to_hub, hub_to_hf, hub_to_timm, read_checkpoint,
-                     timm_create_call, timm_to_hub)
-from cli import MissingFile, UserError, arg
+from util.cli import UserError
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -412,130 +396,17 @@ def build_model(arch, **kwargs):
     return ARCHS[arch](**kwargs)
 
 
-def _atomic(write, path):
-    """write(tmp) then rename, so that an interrupted export never leaves a half-written file under its name."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    write(str(tmp))
-    os.replace(tmp, path)
-
-
-def export(src, out, to="hub"):
-    """Write a backbone in one layout and return a line that says what was written and how to load it.
-    src: a VisionTransformer, or a state dict or path in any layout from_pretrained reads. to:
-      'hub'  -> out: a .pth of the released hub layout (the released code's load_state_dict reads it);
-      'hf'   -> out: a folder, config.json + model.safetensors, for transformers' Dinov2Model.from_pretrained
-                (Dinov2WithRegistersModel with registers); needs the safetensors package;
-      'timm' -> out: a .pth state dict for timm's vit_*_patch14_dinov2 (reg4) model, see timm_create_call."""
-    if to not in ("hub", "hf", "timm"):
-        raise ValueError(f"unknown layout {to!r}; known: 'hub', 'hf', 'timm'")
-    model = src if isinstance(src, nn.Module) else from_pretrained(src)  # strict: only a whole backbone is written
-    sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    out = Path(out)
-    if to == "hf":
-        st = _safetensors(f"writing {out / 'model.safetensors'}")  # before anything is written
-        _atomic(lambda tmp: st.save_file(hub_to_hf(sd), tmp, metadata={"format": "pt"}), out / "model.safetensors")
-        config = hf_config(sd)
-        (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        load = f"model = transformers.{config['architectures'][0]}.from_pretrained({str(out)!r})"
-    else:
-        _atomic(lambda tmp: torch.save(hub_to_timm(sd) if to == "timm" else sd, tmp), out)
-        load = (f"model = {timm_create_call(sd)}; model.load_state_dict(torch.load({str(out)!r}))" if to == "timm"
-                else f"model = vit.from_pretrained({str(out)!r})")
-    arch, depth, R, img_size, _ = _describe(sd)
-    return (f"wrote {out} ({to} layout): {arch}, {depth} blocks, {R} registers, native grid {img_size} px\n"
-            f"load with: {load}")
-
-
 # ----------------------------------------------------------------------------------------------------------------
-# torch.hub entry points (hubconf.py exposes them): the released names, built as released, weights from a path
+# Strict loading: every tensor of the model from the checkpoint, or an error that names what does not fit
 
-HUB_ENTRY_POINTS = {f"dinov2_vit{s}14{'_reg' if reg else ''}": (arch, reg)  # name -> (arch, 4 registers?)
-                    for s, arch in (("s", "vit_small"), ("b", "vit_base"), ("l", "vit_large"), ("g", "vit_giant2"))
-                    for reg in (False, True)}
-
-
-def hub_model(name, *, pretrained=True, weights=None, **kwargs):
-    """The released configuration of entry point `name` (img_size 518, patch 14, LayerScale; 4 registers with the
-    size-based, antialiased pos-embed interpolation for the _reg models), then `weights` loaded strictly: a path to
-    any checkpoint from_pretrained reads. Nothing is downloaded. Other keyword arguments go to VisionTransformer."""
-    arch, registers = HUB_ENTRY_POINTS[name]
-    if pretrained and weights is None:
-        raise UserError(f"{name}: pretrained weights are never downloaded by this repository; pass "
-                        f"weights=PATH (a hub .pth, a Hugging Face folder, a timm file), or pretrained=False for a "
-                        f"random init")
-    if not pretrained and weights is not None:
-        raise UserError(f"{name}: weights={weights!r} with pretrained=False; drop one of the two")
-    released = dict(img_size=518, patch_size=14, init_values=1.0, num_register_tokens=4 if registers else 0,
-                    interpolate_antialias=registers, interpolate_offset=0.0 if registers else 0.1)
-    if weights is None:
-        return build_model(arch, **{**released, **kwargs})
-    if isinstance(weights, (str, os.PathLike)) and not os.path.exists(weights):
-        # the released entry points take a dataset name here (weights="LVD142M") and download; this one reads files
-        raise UserError(f"{name}: weights={weights!r} is not a file or folder; weights= takes a checkpoint path")
-    sd = backbone_state_dict_from(weights)
-    # The checkpoint's own grid unless img_size is given: a 224-px checkpoint then runs as trained, instead of
-    # having its pos_embed resampled to the released 37x37 grid (the released entry points need img_size=224).
-    grid = int((sd["pos_embed"].shape[1] - 1) ** 0.5)
-    released["img_size"] = grid * sd["patch_embed.proj.weight"].shape[-1]
-    return load_pretrained(build_model(arch, **{**released, **kwargs}), sd)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Loading checkpoints into this model: any of the layouts above, the released training layout, our own files
-
-
-def _only_prefix(sd, prefix):
-    """If any key starts with prefix, keep only those keys, with the prefix removed."""
-    if not any(k.startswith(prefix) for k in sd):
-        return sd
-    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-
-
-def backbone_state_dict_from(obj):
-    """A path or a loaded object -> the backbone state dict in the hub layout (keys blocks.<i>.*). A path may be any
-    file read_checkpoint reads, or a Hugging Face folder. Accepts the hub, Hugging Face and timm layouts
-    (checkpoint_layout, converted by hf_to_hub / timm_to_hub); {"teacher"|"model"|"student"|"backbone"|"state_dict":
-    sd} wrappers (the teacher first); flat `teacher.`/`student.` owners; `module.` (DDP), `backbone.` and the HF task
-    models' `dinov2.` / `dinov2_with_registers.` prefixes; `_orig_mod.` (torch.compile) and
-    `_checkpoint_wrapped_module.` segments anywhere; the chunked `blocks.<c>.<i>.` layout. Head keys (dino_head.,
-    ibot_head., and an HF task model's classifier) and loss centers are left out."""
-    if isinstance(obj, (str, os.PathLike)):
-        try:
-            return backbone_state_dict_from(read_checkpoint(obj))
-        except UserError as e:  # name the file, once
-            if str(obj) in str(e):
-                raise
-            raise type(e)(f"{obj}: {e}") from None
-    while isinstance(obj, Mapping):  # unwrap {"teacher": {...}} and the like, possibly nested
-        wrapper = next((k for k in ("teacher", "model", "student", "backbone", "state_dict")
-                        if isinstance(obj.get(k), Mapping)), None)
-        if wrapper is None:
-            break
-        obj = obj[wrapper]
-    if not isinstance(obj, Mapping):
-        raise UserError(f"expected a state dict, got {type(obj).__name__}")
-    # torch.compile and activation-checkpoint wrappers add a name segment wherever they wrap (root or block)
-    sd = {k.replace("_orig_mod.", "").replace("_checkpoint_wrapped_module.", ""): v
-          for k, v in obj.items() if torch.is_tensor(v)}
-    for prefix in ("module.", "teacher.", "student.", "model.", "module.", "backbone.", "dinov2.",
-                   "dinov2_with_registers."):
-        sd = _only_prefix(sd, prefix)
-    sd = {k: v for k, v in sd.items() if not k.startswith(("dino_head.", "ibot_head."))}
-    # Released training layout: blocks.<chunk>.<global index>.<rest> -> blocks.<global index>.<rest>
-    sd = {re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", k): v for k, v in sd.items()}
-    layout = checkpoint_layout(sd)
-    converted = {"hub": dict, "hf": hf_to_hub, "timm": timm_to_hub}[layout](sd) if layout else {}
-    if not _VIT_KEYS <= converted.keys():
-        raise UserError(f"not a ViT backbone state dict. Layouts tried: {LAYOUTS}. "
-                        f"Found {len(sd)} tensors: {_list_keys(sd.keys())}")
-    return converted
+ARCH_BY_WIDTH = {192: "vit_tiny", 384: "vit_small", 768: "vit_base", 1024: "vit_large", 1536: "vit_giant2"}
 
 
 def load_pretrained(model, path_or_state_dict):
     """Load a checkpoint (any layout backbone_state_dict_from reads) into an existing model, strictly. pos_embed is
     resampled to the model's grid when the checkpoint was trained at another size (same formula as at run time). Any
     missing, unexpected or misshapen key stops the load with an error that names them."""
+    from util.weights import _list_keys, backbone_state_dict_from  # the file formats and layouts live in the support package
     sd = backbone_state_dict_from(path_or_state_dict)
     pos = sd.get("pos_embed")
     if pos is not None and pos.shape[-1] == model.pos_embed.shape[-1] and pos.shape[1] != model.pos_embed.shape[1]:
@@ -566,90 +437,3 @@ def load_pretrained(model, path_or_state_dict):
         raise UserError(". ".join(parts))  # one line: the `error:` line of the scripts
     model.load_state_dict(sd, strict=True)
     return model
-
-
-def from_pretrained(path_or_state_dict, **overrides):
-    """Build the model a checkpoint describes and load it (eval mode, CPU, fp32). The checkpoint: a state dict or a
-    path (.pth/.pt/.bin/.safetensors file, or a Hugging Face folder) in the hub, Hugging Face or timm layout. The
-    tensors give everything: width -> arch, block count -> depth, patch_embed kernel -> patch size, pos_embed ->
-    native img_size, register_tokens -> registers (and the register models' interpolation: size-based, antialias),
-    w12 -> SwiGLU, ls1.gamma -> LayerScale. `overrides` (any VisionTransformer argument, e.g. img_size=224) win."""
-    sd = backbone_state_dict_from(path_or_state_dict)
-    D = sd["cls_token"].shape[-1]
-    if D not in ARCH_BY_WIDTH:
-        raise UserError(f"no known arch has width {D}; known widths: {ARCH_BY_WIDTH}")
-    patch_size = sd["patch_embed.proj.weight"].shape[-1]
-    kwargs = dict(
-        patch_size=patch_size,
-        img_size=int(math.sqrt(sd["pos_embed"].shape[1] - 1)) * patch_size,
-        depth=len({k.split(".")[1] for k in sd if k.startswith("blocks.")}),
-        init_values=1.0 if "blocks.0.ls1.gamma" in sd else None,  # a placeholder the loaded gamma overwrites
-    )
-    if "blocks.0.mlp.w12.weight" in sd:
-        kwargs["ffn_layer"] = "swiglu"
-    elif "blocks.0.mlp.fc1.weight" in sd:
-        kwargs.update(ffn_layer="mlp", mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / D)
-    # NOTE(deviation): weights from transformers or timm are resampled to other input sizes by the released rule
-    # (0.1 offset without registers; size-based with antialias for register models), not by theirs (by size, no 0.1
-    # offset, their own antialias choice). So away from the native grid features follow the released code, not those
-    # libraries; at the native grid nothing is resampled and all agree.
-    if "register_tokens" in sd:
-        kwargs.update(num_register_tokens=sd["register_tokens"].shape[1],
-                      interpolate_antialias=True, interpolate_offset=0.0)
-    kwargs.update(overrides)
-    with torch.device("meta"):  # no time spent initialising weights that are about to be overwritten
-        model = build_model(ARCH_BY_WIDTH[D], **kwargs)
-    model.to_empty(device="cpu")
-    return load_pretrained(model, sd).eval()
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Command line: size of a model, or a checkpoint converted to another layout
-
-
-@dataclass
-class Config:
-    arch: str = arg("vit_small", "any name or alias of ARCHS")
-    size: int = arg(224, "input height = width, in pixels, for the FLOPs figure")
-    img_size: int = arg(518, "native pos-embed grid in pixels (518 as the released hub models; it sets the count)")
-    num_register_tokens: int = arg(0, "register tokens (the released *_reg models have 4)")
-    convert: str = arg("", "a checkpoint to convert (file or Hugging Face folder, any layout from_pretrained reads)")
-    to: str = arg("hub", "layout --convert writes: hub (.pth), hf (folder: config.json + model.safetensors), timm "
-                         "(.pth)")
-    out: str = arg("", "where --convert writes: a .pth file (hub, timm) or a folder (hf)")
-
-    def __post_init__(self):
-        if self.arch not in ARCHS:
-            raise ValueError(f"--arch {self.arch}: unknown; known: {', '.join(ARCHS)}")
-        if self.to not in ("hub", "hf", "timm"):
-            raise ValueError(f"--to {self.to}: unknown layout; known: hub, hf, timm")
-        for name in ("size", "img_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.num_register_tokens < 0:
-            raise ValueError(f"--num-register-tokens must be >= 0, got {self.num_register_tokens}")
-        if self.convert and not self.out:
-            raise ValueError("--convert needs --out: a .pth file for --to hub or timm, a folder for --to hf")
-
-
-def main(argv=None):
-    cfg = cli.parse(Config, argv, "Parameter count and forward FLOPs of a DINOv2 ViT, or --convert IN --to "
-                                  "hub|hf|timm --out OUT.")
-    if cfg.convert:
-        if not os.path.exists(cfg.convert):
-            raise MissingFile(f"--convert {cfg.convert}: no such file or folder")
-        try:
-            print(export(cfg.convert, cfg.out, cfg.to))
-        except ImportError as e:  # a missing optional package (safetensors) is the user's to install
-            raise UserError(str(e)) from None
-        return
-    with torch.device("meta"):  # counting needs no memory
-        model = build_model(cfg.arch, img_size=cfg.img_size, num_register_tokens=cfg.num_register_tokens)
-    n_params = sum(p.numel() for p in model.parameters())
-    print(cfg)
-    print(f"{cfg.arch}: {n_params:,} parameters, {model.flops_per_image(cfg.size, cfg.size) / 1e9:.2f} GFLOPs "
-          f"per {cfg.size}x{cfg.size} image (forward)")
-
-
-if __name__ == "__main__":
-    cli.run(main)

@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import cli
+from util import cli
 import vit
+from util import weights
 from test_vit import randomize_  # weights far from the init, so that every tensor matters
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -109,8 +110,8 @@ def hf_folder(path, model):
     """A Hugging Face model folder as save_pretrained lays it out; the weights as a torch file (no safetensors)."""
     path.mkdir(parents=True)
     sd = model.state_dict()
-    (path / "config.json").write_text(json.dumps(vit.hf_config(sd)))
-    torch.save(vit.hub_to_hf(sd), path / "pytorch_model.bin")
+    (path / "config.json").write_text(json.dumps(weights.hf_config(sd)))
+    torch.save(weights.hub_to_hf(sd), path / "pytorch_model.bin")
     return path
 
 
@@ -122,11 +123,11 @@ def hf_folder(path, model):
 def test_exported_layouts_match_the_fixtures(title):
     with torch.device("meta"):  # names and shapes only: no memory, no time
         sd = CASES[title]().state_dict()
-    hf, timm = vit.hub_to_hf(sd), vit.hub_to_timm(sd)
+    hf, timm = weights.hub_to_hf(sd), weights.hub_to_timm(sd)
     assert shapes(hf) == listing("hf_layout.txt")[title]
     assert shapes(timm) == listing("timm_layout.txt")[title]
-    assert (vit.checkpoint_layout(sd), vit.checkpoint_layout(hf), vit.checkpoint_layout(timm)) == ("hub", "hf", "timm")
-    config = vit.hf_config(sd)
+    assert (weights.checkpoint_layout(sd), weights.checkpoint_layout(hf), weights.checkpoint_layout(timm)) == ("hub", "hf", "timm")
+    config = weights.hf_config(sd)
     registers, giant = "registers" in title, "giant" in title
     assert config["model_type"] == ("dinov2_with_registers" if registers else "dinov2")
     assert config["architectures"] == (["Dinov2WithRegistersModel"] if registers else ["Dinov2Model"])
@@ -136,13 +137,13 @@ def test_exported_layouts_match_the_fixtures(title):
         518, 14, 4, giant)
     assert config.get("num_register_tokens", 0) == (4 if registers else 0)
     name = f"vit_{'giant' if giant else 'small'}_patch14_{'reg4_' if registers else ''}dinov2"
-    assert vit.timm_create_call(sd) == f"timm.create_model('{name}', num_classes=0, img_size=518, depth=2)"
+    assert weights.timm_create_call(sd) == f"timm.create_model('{name}', num_classes=0, img_size=518, depth=2)"
 
 
 def test_timm_create_call_for_the_laptop_model():
     with torch.device("meta"):
         sd = vit.vit_tiny(img_size=84).state_dict()  # train.py's default: no timm name at width 192
-    assert vit.timm_create_call(sd) == ("timm.create_model('vit_small_patch14_dinov2', num_classes=0, img_size=84, "
+    assert weights.timm_create_call(sd) == ("timm.create_model('vit_small_patch14_dinov2', num_classes=0, img_size=84, "
                                         "embed_dim=192, num_heads=3)")
 
 
@@ -153,14 +154,14 @@ def test_timm_create_call_for_the_laptop_model():
 @pytest.mark.parametrize("title", CASES)
 def test_hf_round_trip_is_exact(title, models):
     sd = models[title].state_dict()
-    back = vit.backbone_state_dict_from(vit.hub_to_hf(sd))
+    back = weights.backbone_state_dict_from(weights.hub_to_hf(sd))
     assert back.keys() == sd.keys()
     for k in sd:
         assert torch.equal(back[k], sd[k]), k
     # the names of transformers 5's modules read the same, and so does a task model's dinov2. prefix
-    hf_task = {**{"dinov2." + k: v for k, v in to_hf5(vit.hub_to_hf(sd)).items()},
+    hf_task = {**{"dinov2." + k: v for k, v in to_hf5(weights.hub_to_hf(sd)).items()},
                "classifier.weight": torch.zeros(2, 768), "classifier.bias": torch.zeros(2)}
-    back5 = vit.backbone_state_dict_from(hf_task)
+    back5 = weights.backbone_state_dict_from(hf_task)
     assert back5.keys() == sd.keys() and all(torch.equal(back5[k], sd[k]) for k in sd)
 
 
@@ -168,7 +169,7 @@ def test_hf_round_trip_is_exact(title, models):
 def test_timm_round_trip_is_exact(title, models):
     sd = models[title].state_dict()
     registers = "register_tokens" in sd
-    back = vit.backbone_state_dict_from(vit.hub_to_timm(sd))
+    back = weights.backbone_state_dict_from(weights.hub_to_timm(sd))
     assert back.keys() == sd.keys()
     # What timm's layout cannot hold: the mask token (zero after the trip; iBOT training only) and, with registers,
     # the cls position apart from the cls token (folded into it; the token entering block 0 is the same sum).
@@ -180,7 +181,7 @@ def test_timm_round_trip_is_exact(title, models):
         assert torch.equal(back["cls_token"], sd["cls_token"] + sd["pos_embed"][:, :1])
         assert (back["pos_embed"][:, 0] == 0).all() and torch.equal(back["pos_embed"][:, 1:], sd["pos_embed"][:, 1:])
     # so a checkpoint in that form (what a timm import gives) goes round exactly, tensor by tensor
-    again = vit.backbone_state_dict_from(vit.hub_to_timm(back))
+    again = weights.backbone_state_dict_from(weights.hub_to_timm(back))
     assert again.keys() == back.keys() and all(torch.equal(again[k], back[k]) for k in back)
 
 
@@ -188,8 +189,8 @@ def test_timm_round_trip_is_exact(title, models):
 def test_imports_give_the_same_forward_output(title, models):
     src = models[title]
     sizes = (28,) if "giant" in title else (56, 112)  # a resampled grid, and the native one
-    for converted in (vit.hub_to_hf(src.state_dict()), vit.hub_to_timm(src.state_dict())):
-        copy = vit.from_pretrained(converted)
+    for converted in (weights.hub_to_hf(src.state_dict()), weights.hub_to_timm(src.state_dict())):
+        copy = weights.from_pretrained(converted)
         assert (copy.interpolate_offset, copy.interpolate_antialias) == (
             (src.interpolate_offset, src.interpolate_antialias))  # the released rule, see the NOTE in vit.py
         assert_same_features(copy, src, sizes)
@@ -203,14 +204,14 @@ def test_imports_give_the_same_forward_output(title, models):
 def test_from_pretrained_reads_hf_and_timm_files(title, models, tmp_path):
     src = models[title]
     sd = src.state_dict()
-    torch.save(vit.hub_to_hf(sd), tmp_path / "hf.bin")
+    torch.save(weights.hub_to_hf(sd), tmp_path / "hf.bin")
     task_prefix = "dinov2_with_registers." if "registers" in title else "dinov2."  # e.g. ...ForImageClassification
-    torch.save({task_prefix + k: v for k, v in vit.hub_to_hf(sd).items()}, tmp_path / "hf_task.bin")
-    torch.save(vit.hub_to_timm(sd), tmp_path / "timm.pth")
-    torch.save({"state_dict": vit.hub_to_timm(sd), "epoch": 3}, tmp_path / "timm_train.pth")  # timm's train.py
+    torch.save({task_prefix + k: v for k, v in weights.hub_to_hf(sd).items()}, tmp_path / "hf_task.bin")
+    torch.save(weights.hub_to_timm(sd), tmp_path / "timm.pth")
+    torch.save({"state_dict": weights.hub_to_timm(sd), "epoch": 3}, tmp_path / "timm_train.pth")  # timm's train.py
     hf_folder(tmp_path / "folder", src)
     for name in ("hf.bin", "hf_task.bin", "timm.pth", "timm_train.pth", "folder"):
-        copy = vit.from_pretrained(tmp_path / name)
+        copy = weights.from_pretrained(tmp_path / name)
         assert copy.n_blocks == 2 and copy.num_register_tokens == src.num_register_tokens, name
         assert_same_features(copy, src, (56,))
     # load_pretrained takes them too (here into a 56-px model: pos_embed resampled as at run time)
@@ -225,17 +226,17 @@ def test_from_pretrained_reads_hf_and_timm_files(title, models, tmp_path):
 def test_hf_folder_in_safetensors(title, models, tmp_path):
     safetensors_torch = pytest.importorskip("safetensors.torch")
     src = models[title]
-    message = vit.export(src, tmp_path / "hf", to="hf")
+    message = weights.export(src, tmp_path / "hf", to="hf")
     model_name = "Dinov2WithRegistersModel" if "registers" in title else "Dinov2Model"
     assert f"transformers.{model_name}.from_pretrained(" in message
     assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["config.json", "model.safetensors"]
-    assert json.loads((tmp_path / "hf" / "config.json").read_text()) == vit.hf_config(src.state_dict())
+    assert json.loads((tmp_path / "hf" / "config.json").read_text()) == weights.hf_config(src.state_dict())
     with safetensors_torch.safe_open(str(tmp_path / "hf" / "model.safetensors"), framework="pt") as f:
         assert f.metadata() == {"format": "pt"}  # transformers refuses safetensors files without it
         expected = {**listing("hf_layout.txt")[title], "embeddings.position_embeddings": (1, 1 + 8 * 8, 384)}
         assert {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()} == expected  # the fixture at 112 px
     for path in (tmp_path / "hf", tmp_path / "hf" / "model.safetensors"):
-        assert_same_features(vit.from_pretrained(path), src, (112,))
+        assert_same_features(weights.from_pretrained(path), src, (112,))
 
 
 def test_sharded_hf_folder(models, tmp_path):
@@ -248,7 +249,7 @@ def test_sharded_hf_folder(models, tmp_path):
     torch.save({k: hf[k] for k in hf.keys() - set(half)}, folder / "pytorch_model-00002-of-00002.bin")
     weight_map = {k: f"pytorch_model-0000{1 if k in half else 2}-of-00002.bin" for k in hf}
     (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    assert_same_features(vit.from_pretrained(folder), src, (112,))
+    assert_same_features(weights.from_pretrained(folder), src, (112,))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -263,13 +264,13 @@ def test_files_that_are_not_a_vit_get_one_clear_message(tmp_path):
              r"timm's vit_\*_patch14_dinov2.* Found 2 tensors: conv1\.weight, fc\.weight")
     for name in ("resnet.pth", "timm_resnet.pth"):
         with pytest.raises(ValueError, match=tried):
-            vit.from_pretrained(tmp_path / name)
+            weights.from_pretrained(tmp_path / name)
     # a Hugging Face layout of another model (BERT's names)
     bert = {"embeddings.word_embeddings.weight": torch.zeros(10, 8), "encoder.layer.0.attention.self.query.weight":
             torch.zeros(8, 8), "pooler.dense.weight": torch.zeros(8, 8)}
     torch.save(bert, tmp_path / "bert.bin")
     with pytest.raises(ValueError, match=r"Hugging Face layout .* not a DINOv2: 3 keys .*word_embeddings"):
-        vit.from_pretrained(tmp_path / "bert.bin")
+        weights.from_pretrained(tmp_path / "bert.bin")
     # Hugging Face folders: another model type, bad heads, no weights
     for name, config in (("bert", {"model_type": "bert", "hidden_size": 768, "num_attention_heads": 12}),
                          ("heads", {"model_type": "dinov2", "hidden_size": 384, "num_attention_heads": 12}),
@@ -277,19 +278,19 @@ def test_files_that_are_not_a_vit_get_one_clear_message(tmp_path):
         (tmp_path / name).mkdir()
         (tmp_path / name / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"model_type 'bert' is not a DINOv2 model"):
-        vit.from_pretrained(tmp_path / "bert")
+        weights.from_pretrained(tmp_path / "bert")
     with pytest.raises(ValueError, match=r"12 attention heads for width 384"):
-        vit.from_pretrained(tmp_path / "heads")
+        weights.from_pretrained(tmp_path / "heads")
     with pytest.raises(ValueError, match=r"config\.json but no weights .*holds: config\.json"):
-        vit.from_pretrained(tmp_path / "empty")
+        weights.from_pretrained(tmp_path / "empty")
     with pytest.raises(ValueError, match=r"without config\.json"):
-        vit.from_pretrained(tmp_path)
+        weights.from_pretrained(tmp_path)
     # a .safetensors file that holds no ViT
     if _has_safetensors():
         import safetensors.torch
         safetensors.torch.save_file(resnet, str(tmp_path / "resnet.safetensors"))
         with pytest.raises(ValueError, match=tried):
-            vit.from_pretrained(tmp_path / "resnet.safetensors")
+            weights.from_pretrained(tmp_path / "resnet.safetensors")
 
 
 def _has_safetensors():
@@ -306,28 +307,28 @@ def test_missing_safetensors_names_the_package(models, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "safetensors.torch", None)
     folder = tmp_path / "dinov2-small"
     folder.mkdir()
-    (folder / "config.json").write_text(json.dumps(vit.hf_config(models[SMALL].state_dict())))
+    (folder / "config.json").write_text(json.dumps(weights.hf_config(models[SMALL].state_dict())))
     (folder / "model.safetensors").write_bytes(b"\0" * 16)  # never opened: the import fails first
     for path in (folder, folder / "model.safetensors"):
         with pytest.raises(ImportError, match=r"model\.safetensors needs the safetensors package.*"
                                               r"pip install safetensors"):
-            vit.from_pretrained(path)
+            weights.from_pretrained(path)
     with pytest.raises(ImportError, match="pip install safetensors"):
-        vit.export(models[SMALL], tmp_path / "out", to="hf")
+        weights.export(models[SMALL], tmp_path / "out", to="hf")
     assert not (tmp_path / "out").exists()  # nothing half-written
     # the torch files of a Hugging Face folder need no safetensors, and are used when the folder has both
     both = hf_folder(tmp_path / "both", models[SMALL])
     (both / "model.safetensors").write_bytes(b"\0" * 16)
-    assert_same_features(vit.from_pretrained(both), models[SMALL], (112,))
+    assert_same_features(weights.from_pretrained(both), models[SMALL], (112,))
 
 
 def test_incomplete_hf_checkpoint(models):
-    hf = vit.hub_to_hf(models[SMALL].state_dict())
+    hf = weights.hub_to_hf(models[SMALL].state_dict())
     del hf["encoder.layer.1.attention.attention.key.weight"]
     with pytest.raises(ValueError, match=r"blocks\.1\.attn\.qkv\.weight: the checkpoint holds 2 of its 3 parts"):
-        vit.from_pretrained(hf)
+        weights.from_pretrained(hf)
     with pytest.raises(ValueError, match="unknown layout 'onnx'"):
-        vit.export(models[SMALL], "x.onnx", to="onnx")
+        weights.export(models[SMALL], "x.onnx", to="onnx")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -340,26 +341,26 @@ def test_convert_command_line(models, tmp_path, monkeypatch, capsys):
 
     def run(*args):
         monkeypatch.setattr(sys, "argv", ["vit.py", *map(str, args)])
-        vit.main()
+        weights.main()
         return capsys.readouterr().out
 
     out = run("--convert", tmp_path / "teacher_backbone.pth", "--to", "timm", "--out", tmp_path / "timm.pth")
     assert "(timm layout): vit_small, 2 blocks, 4 registers, native grid 112 px" in out
     assert "timm.create_model('vit_small_patch14_reg4_dinov2', num_classes=0, img_size=112, depth=2)" in out
-    assert vit.checkpoint_layout(torch.load(tmp_path / "timm.pth", weights_only=True)) == "timm"
+    assert weights.checkpoint_layout(torch.load(tmp_path / "timm.pth", weights_only=True)) == "timm"
     out = run("--convert", tmp_path / "timm.pth", "--to", "hub", "--out", tmp_path / "hub.pth")
     hub = torch.load(tmp_path / "hub.pth", weights_only=True)
     assert list(hub) == list(src.state_dict())  # the released order
-    assert_same_features(vit.from_pretrained(tmp_path / "hub.pth"), src, (112,))
+    assert_same_features(weights.from_pretrained(tmp_path / "hub.pth"), src, (112,))
     if _has_safetensors():
         out = run("--convert", tmp_path / "hub.pth", "--to", "hf", "--out", tmp_path / "hf")
         assert "transformers.Dinov2WithRegistersModel.from_pretrained(" in out
-        assert_same_features(vit.from_pretrained(tmp_path / "hf"), src, (112,))
+        assert_same_features(weights.from_pretrained(tmp_path / "hf"), src, (112,))
     # user errors: one `error:` line and a non-zero exit, no traceback
     def fails(*args, code=1):
         monkeypatch.setattr(sys, "argv", ["vit.py", *map(str, args)])
         with pytest.raises(SystemExit) as e:
-            cli.run(vit.main)
+            cli.run(weights.main)
         err = capsys.readouterr().err
         assert e.value.code == code and "Traceback" not in err
         return err
@@ -384,7 +385,7 @@ def test_torch_hub_entry_points(models, tmp_path):
     assert sorted(entry_points) == sorted(HUB_NAMES)
     assert hubconf.dependencies == ["torch"]
     src, src_reg = models[SMALL], models[SMALL_REG]
-    torch.save(vit.hub_to_timm(src.state_dict()), tmp_path / "small_timm.pth")
+    torch.save(weights.hub_to_timm(src.state_dict()), tmp_path / "small_timm.pth")
     hf_folder(tmp_path / "reg_hf", src_reg)
     model = torch.hub.load(str(ROOT), "dinov2_vits14", source="local", weights=tmp_path / "small_timm.pth", depth=2)
     # a 112-px checkpoint runs on its own grid, not resampled to the released 37x37 one (518 px)

@@ -15,7 +15,7 @@ import torch
 from PIL import Image, ImageFilter
 
 import data
-import synthetic
+
 from data import (IMAGENET_MEAN, IMAGENET_STD, CropParams, GlobalBatchSampler, ImageFolderDataset, MaskingGenerator,
                   MultiCropAugmentation, MultiCropCollate, MultiCropDataset, SyntheticDataset, load_image)
 
@@ -641,10 +641,10 @@ def test_synthetic_object_size_sets_the_radius():
             r = math.sqrt(ds.sample(i)[2].sum() / math.pi) / 96
             assert lo - 0.01 <= r <= hi + 0.01
     # a run's config (lists once saved) is read back as the dataset keywords; an older run's as the old set
-    assert synthetic.variant({"synthetic_object_size": [0.15, 0.3], "synthetic_rotation": 0,
+    assert data.variant({"synthetic_object_size": [0.15, 0.3], "synthetic_rotation": 0,
                               "synthetic_background": "plain"}) == dict(rotation=0.0, background="plain",
                                                                         object_size=(0.15, 0.3))
-    assert synthetic.variant({}) == dict(rotation=360.0, background="texture", object_size=(0.25, 0.45))
+    assert data.variant({}) == dict(rotation=360.0, background="texture", object_size=(0.25, 0.45))
     # the default range is the one the set always had: the same images as spelling it out
     a, b = SyntheticDataset(n=4, size=48, seed=1), SyntheticDataset(n=4, size=48, seed=1, object_size=(0.25, 0.45))
     assert all(np.array_equal(np.asarray(a.sample(i)[0]), np.asarray(b.sample(i)[0])) for i in range(4))

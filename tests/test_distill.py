@@ -43,8 +43,8 @@ def test_frozen_teacher_is_bit_identical_after_steps(teacher_file, tmp_path):
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
     assert any(not torch.equal(a, b) for a, b in zip(ema_before, student_ema.parameters()))  # the EMA moved
-    import vit
-    assert vit.from_pretrained(tmp_path / "d" / "student_backbone.pth").embed_dim == 192
+    from util import weights
+    assert weights.from_pretrained(tmp_path / "d" / "student_backbone.pth").embed_dim == 192
 
 
 def test_whole_crops_targets_every_patch_token():

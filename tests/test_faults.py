@@ -8,11 +8,11 @@ import signal
 import pytest
 import torch
 
-import cli
+from util import cli
 import distill
-import metrics
+from util import runlog
 import train
-import vit
+from util import weights
 from conftest import TINY, load_checkpoint
 
 QUIET = TINY + ["--monitor-every", "0"]  # no k-NN monitor: these tests are about files, not features
@@ -81,7 +81,7 @@ def test_rerun_of_a_finished_run_rebuilds_missing_exports(finished, tmp_path, ca
     done = [line for line in capsys.readouterr().out.splitlines() if line.startswith("done: ")]
     assert len(done) == 1 and str(out / "teacher_backbone.pth") in done[0]
     for name in ("teacher_backbone.pth", "teacher.pth"):  # the same teacher the uninterrupted run exported
-        a, b = vit.read_checkpoint(finished / name), vit.read_checkpoint(out / name)
+        a, b = weights.read_checkpoint(finished / name), weights.read_checkpoint(out / name)
         a, b = a.get("model", a), b.get("model", b)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -192,7 +192,7 @@ def test_user_errors_of_train_and_distill_are_one_line(finished, tmp_path, capsy
 def test_stop_request_is_handled_by_the_main_process_only(capsys):
     old = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        stop = metrics.StopRequest()
+        stop = runlog.StopRequest()
         stop.pid = -1  # as seen from a forked DataLoader worker
         stop._handle(signal.SIGINT, None)
         assert not stop.requested and capsys.readouterr().out == ""

@@ -21,7 +21,7 @@ from torch.overrides import TorchFunctionMode
 import bench
 import losses
 from conftest import ROOT, TINY_MODEL
-import plan
+from util import plan
 import train
 import vit
 
@@ -171,7 +171,7 @@ FSDP_WORKER = '''
 import json, sys
 import torch
 import torch.distributed as dist
-import distributed
+from util import distributed
 import train
 
 seen = []  # (collective, dtype) of every FSDP2 all-gather and reduce-scatter
@@ -305,7 +305,8 @@ def test_block_activation_formula_matches_autograd(ffn, bf16, drop_path):
 RSS_PROBE = '''
 import json, sys
 import torch
-import plan, train
+import train
+from util import plan
 cfg = train.parse_config(argv=json.loads(sys.argv[1]))
 cpu = torch.device("cpu")
 student_p, student, teacher = train.build_models(cfg, "none", cpu)

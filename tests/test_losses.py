@@ -19,6 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import losses  # noqa: E402
+from util import runlog  # noqa: E402
 
 TOL = 1e-6  # |actual - expected| <= TOL * (1 + |expected|), element-wise
 
@@ -410,7 +411,7 @@ def test_two_gloo_processes_match_single_process(tmp_path):
 
 def test_teacher_diagnostics_entropy_and_prototypes_used():
     p = torch.tensor([[0.5, 0.5, 0.0, 0.0], [0.25, 0.25, 0.25, 0.25], [0.0, 0.0, 1.0, 0.0]])
-    entropy, used, _ = losses.teacher_diagnostics(torch.cat([p, p]))  # two identical "views"
+    entropy, used, _ = runlog.teacher_diagnostics(torch.cat([p, p]))  # two identical "views"
     assert_close(entropy, (math.log(2) + math.log(4) + 0.0) / 3)
     assert used.item() == 2  # argmaxes: 0, 0 (first of the ties), 2
 
@@ -421,7 +422,7 @@ def test_teacher_cross_view_correlation():
     view_shift = torch.randn(1, 32) * 0.1  # a per-prototype offset (what a centre or Sinkhorn-Knopp absorbs)
 
     def rho(a, b, temp=0.04):
-        return losses.teacher_diagnostics(torch.cat([(a / temp).softmax(-1), (b / temp).softmax(-1)]))[2].item()
+        return runlog.teacher_diagnostics(torch.cat([(a / temp).softmax(-1), (b / temp).softmax(-1)]))[2].item()
 
     assert rho(logits, logits + view_shift) == pytest.approx(1.0, abs=1e-5)  # same deviations, other offsets
     assert rho(logits, -logits) == pytest.approx(-1.0, abs=1e-5)
@@ -439,7 +440,7 @@ def _double_centre(x):
 
 
 def test_collapse_alarm_fires_once_after_the_window_on_a_uniform_teacher():
-    alarm = losses.CollapseAlarm(n_prototypes=256, window=20)
+    alarm = runlog.CollapseAlarm(n_prototypes=256, window=20)
     ln_k = math.log(256)
     messages = [alarm.update(step, 0.99 * ln_k, 30, 64) for step in range(10, 101, 10)]
     assert messages[:2] == [None, None]  # steps 10 and 20: the streak is 0 and 10 steps old
@@ -448,19 +449,19 @@ def test_collapse_alarm_fires_once_after_the_window_on_a_uniform_teacher():
 
 
 def test_collapse_alarm_streak_restarts_and_healthy_teacher_is_silent():
-    alarm = losses.CollapseAlarm(n_prototypes=256, window=20)
+    alarm = runlog.CollapseAlarm(n_prototypes=256, window=20)
     ln_k = math.log(256)
     # uniform for 10 steps, healthy once, uniform again: no streak reaches 20 steps
     for step, e in [(10, ln_k), (20, ln_k), (30, 0.5 * ln_k), (40, ln_k), (50, ln_k)]:
         assert alarm.update(step, e, 40, 64) is None
-    healthy = losses.CollapseAlarm(n_prototypes=256, window=20)
+    healthy = runlog.CollapseAlarm(n_prototypes=256, window=20)
     assert all(healthy.update(s, 0.6 * ln_k, 40, 64) is None for s in range(0, 500, 10))
 
 
 def test_collapse_alarm_few_prototypes_needs_a_batch_that_could_show_more():
-    alarm = losses.CollapseAlarm(n_prototypes=1024, window=20)
+    alarm = runlog.CollapseAlarm(n_prototypes=1024, window=20)
     assert [alarm.update(s, 0.1, 1, 64) for s in (0, 10)] == [None, None]
     message = alarm.update(20, 0.1, 1, 64)
     assert message is not None and "1 prototype(s) of 1024" in message and "sinkhorn" in message
-    tiny_batch = losses.CollapseAlarm(n_prototypes=1024, window=20)
+    tiny_batch = runlog.CollapseAlarm(n_prototypes=1024, window=20)
     assert all(tiny_batch.update(s, 0.1, 1, 8) is None for s in range(0, 200, 10))  # 8 crops: one-hot is normal

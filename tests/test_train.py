@@ -121,8 +121,8 @@ def test_run_writes_finite_metrics_and_exports(straight_run):
                   "images_per_s"):
             assert math.isfinite(r[k]), (k, r)
     assert rows[0]["teacher_temp"] == pytest.approx(0.04) and rows[-1]["teacher_temp"] == pytest.approx(0.07)
-    import vit
-    model = vit.from_pretrained(straight_run / "teacher_backbone.pth")  # the hub layout loads strictly
+    from util import weights
+    model = weights.from_pretrained(straight_run / "teacher_backbone.pth")  # the hub layout loads strictly
     assert model.embed_dim == 192
     full = torch.load(straight_run / "teacher.pth", weights_only=False)
     assert {"model", "config"} <= set(full) and any(k.startswith("ibot_head.") for k in full["model"])

@@ -129,7 +129,7 @@ def test_unknown_flag_rejected(capsys):
 def test_weights_errors_are_one_line(tmp_path, capsys):
     # issue 12, defects 4 and 9: a truncated or text --weights is one `error:` line naming the file, exit 1, without
     # torch's "weights_only=False" advice; --debug would show the traceback
-    import cli
+    from util import cli
     torch.save(vit.build_model("vit_tiny", img_size=56).state_dict(), tmp_path / "good.pth")
     raw = (tmp_path / "good.pth").read_bytes()
     (tmp_path / "cut.pth").write_bytes(raw[:len(raw) // 2])

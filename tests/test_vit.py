@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import vit
+from util import weights
 
 OFFICIAL_KEYS = Path(__file__).resolve().parent / "fixtures" / "official_state_dict_keys.txt"  # released names, shapes
 
@@ -150,7 +151,7 @@ def test_state_dict_names_and_shapes_are_the_released_ones(title, arch, kwargs):
 def test_official_state_dict_loads_strictly(title, width, registers, ffn):
     g = torch.Generator().manual_seed(0)
     sd = {name: torch.randn(shape, generator=g) for name, shape in section(title)}
-    model = vit.from_pretrained(sd)
+    model = weights.from_pretrained(sd)
     assert model.embed_dim == width and model.num_register_tokens == registers and model.patch_size == 14
     assert model.pos_embed.shape[1] == 1370  # native 37x37 grid = img_size 518
     assert hasattr(model.blocks[0].mlp, ffn)
@@ -431,7 +432,7 @@ def test_chunked_and_wrapped_layouts_load(tmp_path):
             model = vit.load_pretrained(model.to_empty(device="cpu"), source)  # strict: every tensor is loaded
             for k, v in model.state_dict().items():
                 assert torch.equal(v, sd[k]), (name, k)
-        assert vit.from_pretrained(obj).n_blocks == 4
+        assert weights.from_pretrained(obj).n_blocks == 4
 
 
 @pytest.mark.parametrize("kwargs", [{}, {"num_register_tokens": 2, "interpolate_offset": 0.0,
@@ -441,7 +442,7 @@ def test_from_pretrained_round_trip_and_resampled_load(kwargs, tmp_path):
     src = randomize_(tiny(img_size=518, **kwargs)).eval()
     x = torch.randn(2, 3, 224, 224)
     torch.save(src.state_dict(), tmp_path / "backbone.pth")
-    copy = vit.from_pretrained(tmp_path / "backbone.pth")
+    copy = weights.from_pretrained(tmp_path / "backbone.pth")
     assert not copy.training and copy.n_blocks == 2 and copy.pos_embed.shape == src.pos_embed.shape
     with torch.no_grad():
         expected = src.forward_features(x)
@@ -450,7 +451,7 @@ def test_from_pretrained_round_trip_and_resampled_load(kwargs, tmp_path):
             assert torch.equal(got[key], expected[key]), key
         # Loading into a model built for 224 px resamples pos_embed with the run-time formula, so at 224 px it
         # gives exactly what the 518 px model gives.
-        small = vit.from_pretrained(src.state_dict(), img_size=224)
+        small = weights.from_pretrained(src.state_dict(), img_size=224)
         assert small.pos_embed.shape[1] == 1 + 16 * 16
         torch.testing.assert_close(small.forward_features(x)["x_prenorm"], expected["x_prenorm"], rtol=0, atol=1e-5)
 
@@ -505,12 +506,12 @@ def test_flops_per_image_matches_a_flop_counter(kwargs):
 
 def test_command_line_prints_params_and_flops(monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["vit.py", "--arch", "vit_s", "--size", "224"])
-    vit.main()
+    weights.main()
     out = capsys.readouterr().out
     assert "22,056,576 parameters" in out and "12.25 GFLOPs per 224x224 image" in out
     monkeypatch.setattr(sys, "argv", ["vit.py", "--no-such-flag", "1"])
     with pytest.raises(SystemExit):  # unknown flags are rejected
-        vit.main()
+        weights.main()
 
 
 def test_activation_checkpointing_gives_the_same_gradients():

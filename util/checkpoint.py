@@ -8,7 +8,7 @@ past a corrupt one with a warning; the exports (`teacher.pth`: backbone + heads 
 
     Checkpointer       save / resume / export for train.fit
     NonFiniteError     the run diverged: one `error:` line naming the step and the last good checkpoint
-    atomic_save        torch.save to a temporary name, then rename
+    atomic_write       write to a temporary name, then rename: the one writer of every file (atomic_save, _text)
 """
 import dataclasses
 import os
@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-import cli
-from distributed import barrier, is_dist, local_tensor, print0
+from util import cli
+from util.distributed import barrier, is_dist, local_tensor, print0
 
 
 
@@ -123,8 +123,7 @@ class Checkpointer:
         if self.rank == 0:  # small replicated state: step, centres, config
             torch.save({"step": step, "centers": {k: c.state_dict() for k, c in centers.items()},
                         "config": dataclasses.asdict(cfg)}, tmp / "extra.pt")
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
+            publish(tmp, final)
             # only complete checkpoints count, and only finite ones were ever saved: pruning keeps good ones
             done = [p for p in self._folders() if (p / "extra.pt").is_file()]
             for old in done[:-self.keep_last]:
@@ -163,7 +162,7 @@ class Checkpointer:
 
     def export(self, model, cfg, name="teacher", step=None):
         """<name>.pth (backbone + heads + config, what distill.py reads) and <name>_backbone.pth (the released hub
-        layout, what vit.from_pretrained, evaluate.py and the released code read). Never a non-finite model."""
+        layout, what util.weights.from_pretrained, evaluate.py and the released code read). Never a non-finite model."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
         self.check_finite(step, [model])
         full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -174,13 +173,28 @@ class Checkpointer:
         barrier()
 
 
-def atomic_write_text(path, text):
-    tmp = Path(str(path) + ".tmp")
-    tmp.write_text(text)
+def publish(tmp, path):
+    """The one rename that makes a finished file or folder appear under its name: readers see it whole or not at
+    all (os.replace is atomic on one filesystem). A folder already there is replaced."""
+    if Path(path).is_dir():
+        shutil.rmtree(path)
     os.replace(tmp, path)
+
+
+def atomic_write(path, write):
+    """write(tmp) to `path`.tmp, then publish it as `path`: a crash or Ctrl-C mid-write leaves the old file intact.
+    Every file the project writes for a user goes through here."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    publish(tmp, path)
+    return path
 
 
 def atomic_save(obj, path):
-    tmp = Path(str(path) + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def atomic_write_text(path, text):
+    return atomic_write(path, lambda tmp: tmp.write_text(text))

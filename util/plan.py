@@ -22,7 +22,7 @@ import os
 
 import torch
 
-from distributed import pick_device
+from util.distributed import pick_device
 
 GiB = 2 ** 30
 # Memory that the framework's own allocator does not count: the CUDA context with cuBLAS / cuDNN workspaces, or on

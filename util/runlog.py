@@ -11,6 +11,7 @@ over ranks and checks that they are finite, and rank 0 appends a row to metrics.
 """
 import dataclasses
 import json
+import math
 import os
 import signal
 import time
@@ -20,12 +21,11 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-import cli
-from checkpoint import NonFiniteError, atomic_write_text
+from util import cli
+from util.checkpoint import NonFiniteError, atomic_write_text
 from data import SkipReport
-from distributed import is_dist, print0
-from losses import CollapseAlarm, teacher_diagnostics
-from plan import flops_per_image, peak_flops
+from util.distributed import is_dist, print0
+from util.plan import flops_per_image, peak_flops
 
 
 TERMS = ("dino_global", "dino_local", "ibot", "koleo")
@@ -167,3 +167,73 @@ def plot_run(out):
         plot_curves(out, out / "loss.png")
     except Exception as e:  # a plot must never cost a finished run
         print(f"(no loss plot: {e})")
+
+
+# -----------------------------------------------------------------------------
+# Collapse watch. DINO has two trivial solutions that centering and sharpening are there to avoid: a uniform teacher
+# (every image gets the same flat target, so the cls token learns nothing) and a one-hot one (every image lands on
+# the same few prototypes). Both show in the teacher's targets long before they show in a downstream score.
+
+def teacher_diagnostics(t_cls: torch.Tensor):
+    """Three numbers on the teacher's cls targets t_cls (2B, K), view-major (rows b and B + b are the two global views
+    of image b): the mean entropy of a row (0 = one-hot, ln K = uniform), the prototypes that win at least one row,
+    and the cross-view correlation rho of the targets' log-probabilities.
+
+    rho is what decides whether the uniform target can be left. Near it, log t = logits / teacher_temp up to a row
+    and a column constant (softmax with a centre, or Sinkhorn-Knopp), so after removing both (double centring) the
+    two views' deviations correlate by rho. The student, at student_temp, is asked to reproduce the other view's
+    deviation: its best linear estimate scales the deviation by rho * student_temp / teacher_temp. Below 1 each step
+    shrinks the deviations (the uniform target is stable: collapse); above 1 they grow (the targets sharpen)."""
+    p = t_cls.float()  # (2B, K)
+    log_p = p.clamp_min(1e-12).log()
+    entropy = -(p * log_p).sum(-1).mean()
+    used = torch.zeros(p.shape[-1], device=p.device).index_fill_(0, p.argmax(-1), 1.0).sum()
+    views = log_p.view(2, -1, p.shape[-1])  # (2, B, K)
+    d = views - views.mean(1, keepdim=True)  # minus each prototype's mean over the images
+    d = d - d.mean(2, keepdim=True)  # minus each row's mean over the prototypes
+    rho = (d[0] * d[1]).sum() / (d[0].norm() * d[1].norm()).clamp_min(1e-12)
+    return entropy, used, rho
+
+
+class CollapseAlarm:
+    """Warns once per symptom when the teacher stays uniform (entropy within `tolerance` of ln K) or puts its crops
+    on at most `handful` prototypes, at every check over at least `window` steps. A warning: training goes on."""
+
+    ADVICE = {
+        "uniform": "every image gets the same flat target, so the cls token learns nothing. What usually helps: "
+                   "views that agree more at the start (weaker colour jitter or grey crops, larger crops, fewer "
+                   "local crops), a --base-lr the backbone can train at, LayerScale above 1e-5 for short runs; a "
+                   "lower --teacher-temp lowers the bar but can collapse onto a few prototypes (see ABLATIONS.md).",
+        "few": "the features have collapsed onto a few points. What usually helps: --centering sinkhorn_knopp, a "
+               "higher --teacher-temp or a longer --warmup-teacher-temp-epochs, a lower --base-lr.",
+    }
+
+    def __init__(self, n_prototypes: int, window: int, tolerance: float = 0.03, handful: int = 3):
+        self.log_k, self.window, self.tolerance, self.handful = math.log(n_prototypes), window, tolerance, handful
+        self.since = {"uniform": None, "few": None}  # first step of the current streak of each symptom
+        self.fired = set()
+
+    def update(self, step: int, entropy: float, used: int, n_rows: int, rho: float | None = None,
+               temp_ratio: float | None = None) -> str | None:
+        """Feed one check (teacher_diagnostics of the cls targets of `n_rows` crops; temp_ratio = student_temp /
+        teacher_temp); returns a warning the first time a symptom has lasted `window` steps, else None."""
+        symptoms = {"uniform": entropy >= (1 - self.tolerance) * self.log_k,
+                    "few": used <= self.handful < n_rows // 4}  # a tiny batch cannot show "few"
+        message = None
+        for name, present in symptoms.items():
+            if not present:
+                self.since[name] = None
+                continue
+            if self.since[name] is None:
+                self.since[name] = step
+            if step - self.since[name] >= self.window and name not in self.fired:
+                self.fired.add(name)
+                what = (f"the teacher's cls targets have been uniform (entropy {entropy:.3f}, ln K = "
+                        f"{self.log_k:.3f}" + (f"; cross-view correlation {rho:.2f} x student_temp / teacher_temp "
+                                               f"{temp_ratio:.3g} = {rho * temp_ratio:.2g}, leaving needs > 1"
+                                               if rho is not None and temp_ratio else "") + ")"
+                        if name == "uniform" else
+                        f"the teacher has put every crop on {used} prototype(s) of {round(math.exp(self.log_k))}")
+                message = f"warning: collapse alarm at step {step}: {what} for {step - self.since[name]} steps: " \
+                          f"{self.ADVICE[name]}"
+        return message

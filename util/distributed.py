@@ -10,7 +10,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from cli import UserError
+from util.cli import UserError
 
 
 def is_dist() -> bool:

@@ -4,12 +4,15 @@ Each script declares its settings once, as a dataclass whose fields carry their 
 
     @dataclass
     class Config:
-        batch_size: int = arg(64, "images per GPU")
+        batch_size: int = arg(64, "images per GPU", check=(1, None))
         data: str | None = arg(None, "image folder; none: the synthetic set")
+
+        def __post_init__(self):
+            check_fields(self)  # the declared checks: --batch-size must be >= 1
 
 and parses them with `parse(Config)`: every field becomes `--batch-size`, `--data` (bool fields get `--x / --no-x`,
 tuples take several values), `--help` lists them with their defaults, and a `presets` table (train.py's per-arch
-recipes) fills what the flags leave unset. A config class may validate itself in `__post_init__`: the ValueError it
+recipes) fills what the flags leave unset. A config class validates itself in `__post_init__`: the ValueError it
 raises becomes a usage error that names the flag (exit status 2), like argparse's own.
 
 Errors: a mistake the user can fix (a missing file, a checkpoint of another architecture, a flag out of range) is
@@ -29,11 +32,40 @@ class UserError(ValueError):
     can catch bad input the usual way."""
 
 
-def arg(default=None, help="", **kwargs):
-    """A dataclass field with its --help text: `lr: float = arg(1e-3, "peak learning rate")`."""
+def arg(default=None, help="", check=None, **kwargs):
+    """A dataclass field with its --help text and the values it accepts: `lr: float = arg(1e-3, "peak lr", check=">0")`.
+
+    check: (lo, hi) an inclusive range (None: open on that side; a tuple field has each element checked), ">0" a
+    positive number, or a tuple of strings: the allowed values. check_fields() enforces it."""
+    meta = {"help": help, "check": check}
     if isinstance(default, (list, dict, set)):  # mutable defaults need a factory
-        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kwargs)
-    return dataclasses.field(default=default, metadata={"help": help}, **kwargs)
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta, **kwargs)
+    return dataclasses.field(default=default, metadata=meta, **kwargs)
+
+
+def flag(name):
+    return "--" + name.replace("_", "-")
+
+
+def check_fields(cfg):
+    """Every field's declared check (see arg); a ValueError that names the flag, which parse() makes a usage error.
+    Config classes call it first in __post_init__, so presets, tests and dataclasses.replace are checked too."""
+    for f in dataclasses.fields(cfg):
+        check, value = f.metadata.get("check"), getattr(cfg, f.name)
+        if check is None or value is None:
+            continue
+        if check == ">0":
+            ok, what = value > 0, "must be > 0"
+        elif all(isinstance(c, str) for c in check):
+            ok, what = value in check, f"must be one of {', '.join(check)}"
+        else:
+            lo, hi = check
+            ok = all((lo is None or v >= lo) and (hi is None or v <= hi)
+                     for v in (value if isinstance(value, tuple) else (value,)))
+            what = f"must be >= {lo}" if hi is None else f"must be <= {hi}" if lo is None else \
+                f"must be between {lo} and {hi}"
+        if not ok:
+            raise ValueError(f"{flag(f.name)} {what}, got {value!r}")
 
 
 def debug_mode() -> bool:

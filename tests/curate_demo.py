@@ -11,22 +11,26 @@ Public names, in reading order:
     build_demo_pool, demo_metrics, run_demo     the pool (duplicates, imbalance, junk) and the scores of a run
     main                                        the command line
 
-Run:  python curate_demo.py [--out runs/curate_demo] [--root DIR]    (the pool goes to a temp folder by default)
+Run:  python tests/curate_demo.py [--out runs/curate_demo] [--root DIR]    (the pool goes to a temp folder by default)
 """
-import argparse
 import dataclasses
 import io
 import math
 import os
+import sys
 import tempfile
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from curate import CurateConfig, curate, embed, write_outputs
-from distributed import print0, rank_world
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root, when run as a script
+from curate import CurateConfig, curate, embed, write_outputs  # noqa: E402
+from util import cli  # noqa: E402
+from util.cli import arg  # noqa: E402
+from util.distributed import print0, rank_world  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -251,15 +255,17 @@ def run_demo(cfg, root=None, progress=True) -> dict:
     return {"truth": truth, "result": result, "metrics": metrics}
 
 
+@dataclass
+class DemoConfig:
+    out: str = arg("runs/curate_demo", "curated.txt, report.json, clusters.png, embeddings")
+    root: str = arg("", "where the synthetic pool is written (empty: a temp folder)")
+    seed: int = arg(0, "seed of the pool and of the curation")
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--out", default="runs/curate_demo", help="curated.txt, report.json, clusters.png, embeddings")
-    parser.add_argument("--root", default="", help="where the synthetic pool is written (empty: a temp folder)")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    args = cli.parse(DemoConfig, argv, __doc__)
     return run_demo(CurateConfig(out=args.out, seed=args.seed), root=args.root or None)
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)
