@@ -97,7 +97,7 @@ def load_frozen_teacher(cfg, strategy, device):
 
 def distill(cfg):
     if cfg.dry_run:  # the student's run: parameters, FLOPs, memory per device (the frozen teacher not counted)
-        raise SystemExit(plan.dry_run(cfg, plan.count_parameters(train.meta_model(cfg))))
+        raise SystemExit(plan.dry_run(cfg, train.meta_model(cfg), train.make_schedules))
     rank, world, device, strategy, _ = train.setup(cfg)
     teacher, tcfg = load_frozen_teacher(cfg, strategy, device)
     distributed.print0(f"frozen teacher: {tcfg.arch} ({cfg.teacher}) -> student {cfg.arch}")
@@ -105,7 +105,8 @@ def distill(cfg):
     student_p, student, student_ema = train.build_models(cfg, strategy, device)
     # 3. the declared differences from DINOv2: targets from the frozen teacher, the EMA is the student's own, no
     #    mask and every patch token a target (train.whole_crops), the exports named student*.pth
-    train.fit(train.make_run(cfg, rank, world, device, strategy, student_p, student, teacher=teacher,
+    train.fit(train.make_run(cfg, rank=rank, world=world, device=device, strategy=strategy,
+                             student_p=student_p, student=student, teacher=teacher,
                              ema=student_ema, export="student", ibot_on_all_patches=True))
 
 

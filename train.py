@@ -15,7 +15,7 @@ Reading order:
     build_data             multi-crop + masking, a world-size-invariant stream of global batches
     Run, train_step        ONE ITERATION: schedules, teacher targets, student, the four terms, update, EMA
     train, fit             the run: plan, resume, then the loop (step, log, checkpoint); distill.py reuses fit
-The plumbing lives beside it: metrics.py (metrics.jsonl, progress bar, k-NN monitor, collapse alarm, Ctrl-C),
+The plumbing lives in util/: runlog.py (metrics.jsonl, progress bar, k-NN monitor rows, collapse alarm, Ctrl-C),
 checkpoint.py (atomic DCP checkpoints, resume, exports), plan.py (parameters, FLOPs, memory per device).
 
 Run:
@@ -38,14 +38,13 @@ from util import cli
 from util import distributed
 from util import plan
 import vit
-from util.cli import arg
+from util.cli import arg, flag
 from data import (DROP_PATH, GlobalBatchSampler, ImageFolderDataset, MaskingGenerator, MultiCropAugmentation,
                   MultiCropCollate, MultiCropDataset, SyntheticDataset, stream_seed)
 from util.distributed import barrier, local_tensor, print0
 from data import BACKGROUNDS, OBJECT_SIZE, variant
 from util.checkpoint import Checkpointer
-from util.runlog import TERMS, Logger, plot_run
-from util.plan import compute_dtype, resolve_strategy
+from util.runlog import TERMS, Logger, build_monitor, plot_run
 from losses import DINOHead, SoftmaxCentering, dino_loss, ibot_loss, koleo_loss, sinkhorn_knopp
 
 
@@ -55,136 +54,113 @@ from losses import DINOHead, SoftmaxCentering, dino_loss, ibot_loss, koleo_loss,
 @dataclass
 class Config:
     # model
-    arch: str = arg("vit_tiny", "vit_tiny | vit_small | vit_base | vit_large | vit_giant2 (aliases vit_t/s/b/l/g)")
-    patch_size: int = arg(14, "every released model uses 14")
-    depth: int = arg(0, "transformer blocks; 0 = the arch's own (12 for vit_tiny / s / b)")
-    num_registers: int = arg(0, "register tokens (4 = the \"_reg\" models)")
-    ffn: str = arg("auto", "mlp | swiglu | auto (SwiGLU for vit_giant2 only, as released)")
-    drop_path: float = arg(0.3, "uniform stochastic depth of the student (0.4 for vit_l / vit_g)")
-    layerscale: float = arg(1e-5, "LayerScale init")
+    arch: str = arg("vit_tiny", "vit_tiny | vit_small | vit_base | vit_large | vit_giant2 (aliases vit_t/s/b/l/g)",
+                    check=tuple(vit.ARCHS))
+    patch_size: int = arg(14, "every released model uses 14", check=(1, None))
+    depth: int = arg(0, "transformer blocks; 0 = the arch's own (12 for vit_tiny / s / b)", check=(0, None))
+    num_registers: int = arg(0, "register tokens (4 = the \"_reg\" models)", check=(0, None))
+    ffn: str = arg("auto", "mlp | swiglu | auto (SwiGLU for vit_giant2 only, as released)",
+                   check=("auto", "mlp", "swiglu"))
+    drop_path: float = arg(0.3, "uniform stochastic depth of the student (0.4 for vit_l / vit_g)", check=(0, 1))
+    layerscale: float = arg(1e-5, "LayerScale init", check=(0, None))
     # heads (`dino` / `ibot` keys of the config)
-    n_prototypes: int = arg(65536, "K of the DINO head")
-    head_hidden_dim: int = arg(2048, "width of the heads' 3-layer MLP")
-    head_bottleneck_dim: int = arg(256, "DINO head bottleneck, L2-normalised before the prototypes")
+    n_prototypes: int = arg(65536, "K of the DINO head", check=(1, None))
+    head_hidden_dim: int = arg(2048, "width of the heads' 3-layer MLP", check=(1, None))
+    head_bottleneck_dim: int = arg(256, "DINO head bottleneck, L2-normalised before the prototypes", check=(1, None))
     separate_ibot_head: bool = arg(False, "untied iBOT head (True for vit_l / vit_g)")
-    ibot_n_prototypes: int = arg(65536, "K of the iBOT head (with --separate-ibot-head)")
-    ibot_bottleneck_dim: int = arg(256, "iBOT head bottleneck")
+    ibot_n_prototypes: int = arg(65536, "K of the iBOT head (with --separate-ibot-head)", check=(1, None))
+    ibot_bottleneck_dim: int = arg(256, "iBOT head bottleneck", check=(1, None))
     # objective (paper §4)
-    centering: str = arg("softmax", "softmax (EMA centre) | sinkhorn_knopp (the released vit_l / vit_g)")
-    dino_weight: float = arg(1.0, "weight of the DINO (cls token) loss")
-    ibot_weight: float = arg(1.0, "weight of the iBOT (masked patch) loss")
-    koleo_weight: float = arg(0.1, "weight of the KoLeo spreading term")
-    student_temp: float = arg(0.1, "softmax temperature of the student")
-    teacher_temp: float = arg(0.07, "after the warm-up")
-    warmup_teacher_temp: float = arg(0.04, "teacher temperature at step 0, raised linearly to --teacher-temp")
-    warmup_teacher_temp_epochs: float = arg(30, "epochs of that warm-up")
+    centering: str = arg("softmax", "softmax (EMA centre) | sinkhorn_knopp (the released vit_l / vit_g)",
+                         check=("softmax", "sinkhorn_knopp"))
+    dino_weight: float = arg(1.0, "weight of the DINO (cls token) loss", check=(0, None))
+    ibot_weight: float = arg(1.0, "weight of the iBOT (masked patch) loss", check=(0, None))
+    koleo_weight: float = arg(0.1, "weight of the KoLeo spreading term", check=(0, None))
+    student_temp: float = arg(0.1, "softmax temperature of the student", check=">0")
+    teacher_temp: float = arg(0.07, "after the warm-up", check=">0")
+    warmup_teacher_temp: float = arg(0.04, "teacher temperature at step 0, raised linearly to --teacher-temp",
+                                     check=">0")
+    warmup_teacher_temp_epochs: float = arg(30, "epochs of that warm-up", check=(0, None))
     # data (`crops` keys)
     data: str = arg("", "an image folder (class sub-folders or flat) or a .txt file list; \"\" = synthetic images")
-    synthetic_images: int = arg(2000, "size of the synthetic dataset when --data is empty")
-    synthetic_size: int = arg(128, "its image side in pixels")
-    synthetic_rotation: float = arg(360.0, "synthetic objects' angle range in degrees (0 = all upright)")
-    synthetic_background: str = arg("texture", "texture | plain (one muted colour per image)")
-    synthetic_object_size: tuple[float, float] = arg(OBJECT_SIZE, "objects' radius range, fractions of the side")
-    global_size: int = arg(224, "global crop side in pixels")
-    local_size: int = arg(98, "local crop side in pixels")
-    n_local: int = arg(8, "local crops per image")
-    global_scale: tuple[float, float] = arg((0.32, 1.0), "area range of a global crop, as a fraction of the image")
-    local_scale: tuple[float, float] = arg((0.05, 0.32), "area range of a local crop")
-    hue_jitter: float = arg(0.1, "colour-jitter hue range (+-); 0.5 draws any hue, so colour cannot match two views")
-    p_grayscale: float = arg(0.2, "probability that a crop is turned grey")
-    blur: str = arg("paper", "paper (p 1.0 / 0.1 / 0.5) | released (the released code's 0.0 / 0.9 / 0.5)")
-    mask_probability: float = arg(0.5, "fraction of global crops that get an iBOT mask")
-    mask_ratio: tuple[float, float] = arg((0.1, 0.5), "range of masked-patch ratios, stratified over the batch")
-    num_workers: int = arg(-1, "data loader workers per rank (-1 = auto)")
+    synthetic_images: int = arg(2000, "size of the synthetic dataset when --data is empty", check=(1, None))
+    synthetic_size: int = arg(128, "its image side in pixels", check=(1, None))
+    synthetic_rotation: float = arg(360.0, "synthetic objects' angle range in degrees (0 = all upright)",
+                                    check=(0, 360))
+    synthetic_background: str = arg("texture", "texture | plain (one muted colour per image)", check=BACKGROUNDS)
+    synthetic_object_size: tuple[float, float] = arg(OBJECT_SIZE, "objects' radius range, fractions of the side",
+                                                     check=(0, 0.5))
+    global_size: int = arg(224, "global crop side in pixels", check=(1, None))
+    local_size: int = arg(98, "local crop side in pixels", check=(1, None))
+    n_local: int = arg(8, "local crops per image", check=(0, None))
+    global_scale: tuple[float, float] = arg((0.32, 1.0), "area range of a global crop, as a fraction of the image",
+                                            check=(0, 1))
+    local_scale: tuple[float, float] = arg((0.05, 0.32), "area range of a local crop", check=(0, 1))
+    hue_jitter: float = arg(0.1, "colour-jitter hue range (+-); 0.5 draws any hue, so colour cannot match two views",
+                            check=(0, 0.5))
+    p_grayscale: float = arg(0.2, "probability that a crop is turned grey", check=(0, 1))
+    blur: str = arg("paper", "paper (p 1.0 / 0.1 / 0.5) | released (the released code's 0.0 / 0.9 / 0.5)",
+                    check=("paper", "released"))
+    mask_probability: float = arg(0.5, "fraction of global crops that get an iBOT mask", check=(0, 1))
+    mask_ratio: tuple[float, float] = arg((0.1, 0.5), "range of masked-patch ratios, stratified over the batch",
+                                          check=(0, 1))
+    num_workers: int = arg(-1, "data loader workers per rank (-1 = auto)", check=(-1, None))
     # optimisation (`optim`, `teacher`, `train` keys); an "epoch" is epoch_length iterations, whatever the dataset size
-    batch_size: int = arg(64, "per rank")
-    epochs: float = arg(100, "length of the run in epochs of --epoch-length iterations")
-    epoch_length: int = arg(1250, "iterations per epoch")
-    base_lr: float = arg(0.004, "peak lr = base_lr * sqrt(global_batch / 1024)")
-    min_lr: float = arg(1e-6, "lr at the end of the cosine")
-    warmup_epochs: float = arg(10, "linear lr warm-up")
-    weight_decay: float = arg(0.04, "cosine from this ...")
-    weight_decay_end: float = arg(0.4, "... to this")
-    momentum_teacher: float = arg(0.992, "cosine from this to 1")
-    freeze_last_layer_epochs: float = arg(1, "last layer of the heads at lr 0")
-    layer_decay: float = arg(0.9, "layer-wise lr decay (1.0 = none)")
-    patch_embed_lr_mult: float = arg(0.2, "lr multiplier of the patch embedding")
-    clip_grad: float = arg(3.0, "per student part (backbone, dino head, ibot head)")
+    batch_size: int = arg(64, "per rank", check=(1, None))
+    epochs: float = arg(100, "length of the run in epochs of --epoch-length iterations", check=">0")
+    epoch_length: int = arg(1250, "iterations per epoch", check=(1, None))
+    base_lr: float = arg(0.004, "peak lr = base_lr * sqrt(global_batch / 1024)", check=">0")
+    min_lr: float = arg(1e-6, "lr at the end of the cosine", check=(0, None))
+    warmup_epochs: float = arg(10, "linear lr warm-up", check=(0, None))
+    weight_decay: float = arg(0.04, "cosine from this ...", check=(0, None))
+    weight_decay_end: float = arg(0.4, "... to this", check=(0, None))
+    momentum_teacher: float = arg(0.992, "cosine from this to 1", check=(0, 1))
+    freeze_last_layer_epochs: float = arg(1, "last layer of the heads at lr 0", check=(0, None))
+    layer_decay: float = arg(0.9, "layer-wise lr decay (1.0 = none)", check=(1e-6, 1))
+    patch_embed_lr_mult: float = arg(0.2, "lr multiplier of the patch embedding", check=(0, None))
+    clip_grad: float = arg(3.0, "per student part (backbone, dino head, ibot head)", check=">0")
     # starting from pretrained weights
     init_from: str = arg("", "backbone weights (released hub .pth or ours); heads start fresh")
-    heads_warmup_epochs: float = arg(1, "with --init-from: backbone lr 0 while the fresh heads settle")
+    heads_warmup_epochs: float = arg(1, "with --init-from: backbone lr 0 while the fresh heads settle", check=(0, None))
     # system
-    strategy: str = arg("auto", "auto | none | ddp | fsdp (auto: none on one process, fsdp above 200M params else ddp)")
+    strategy: str = arg("auto", "auto | none | ddp | fsdp (auto: none on one process, fsdp above 200M params else ddp)",
+                        check=("auto", "none", "ddp", "fsdp"))
     compile: bool = arg(False, "torch.compile each transformer block")
-    dtype: str = arg("auto", "compute precision, master weights fp32: auto (bf16 on CUDA, else fp32) | bf16 | fp32")
+    dtype: str = arg("auto", "compute precision, master weights fp32: auto (bf16 on CUDA, else fp32) | bf16 | fp32",
+                     check=("auto", "bf16", "fp32"))
     activation_checkpointing: bool = arg(False, "recompute blocks in backward (for vit_l / vit_g)")
     meta_init: bool | None = arg(None, "FSDP: build on the meta device, init after sharding (default: vit_l / vit_g)")
     device: str = arg("auto", "auto | cpu | cuda | mps")
     seed: int = arg(0, "seed of the initialisation, the data order and the augmentations")
     out: str = arg("runs/train", "run folder: checkpoints, metrics.jsonl, exports, plots")
-    save_every: int = arg(1250, "iterations between checkpoints")
-    keep_last: int = arg(3, "checkpoints kept")
-    log_every: int = arg(10, "iterations between log lines (metrics.jsonl)")
-    monitor_every: int = arg(0, "steps between online k-NN checks of the teacher backbone (0 = off)")
+    save_every: int = arg(1250, "iterations between checkpoints", check=(1, None))
+    keep_last: int = arg(3, "checkpoints kept", check=(1, None))
+    log_every: int = arg(10, "iterations between log lines (metrics.jsonl)", check=(1, None))
+    monitor_every: int = arg(0, "steps between online k-NN checks of the teacher backbone (0 = off)", check=(0, None))
     monitor_data: str = arg("", "labelled folder (class sub-folders) for the k-NN monitor; none: held-out synthetic")
-    monitor_images: int = arg(500, "images in the monitor's bank, and as many held-out queries")
+    monitor_images: int = arg(500, "images in the monitor's bank, and as many held-out queries", check=(0, None))
     resume: bool = arg(True, "resume from the latest checkpoint in --out")
     dry_run: bool = arg(False, "print parameters, FLOPs and memory per device for this run (plan.py), build nothing")
-    nproc: int = arg(0, "the world size --dry-run plans for (0 = this run's own)")
+    nproc: int = arg(0, "the world size --dry-run plans for (0 = this run's own)", check=(0, None))
 
     def __post_init__(self):
-        """Every value checked before anything is built: a ValueError naming the flag (a usage error in cli.parse).
-        Presets, tests and dataclasses.replace go through here too."""
-        check_config(self)
-
-
-def _flag(name):
-    return "--" + name.replace("_", "-")
-
-
-def check_config(cfg):
-    """Ranges and choices of every Config field (the paths are checked by check_paths, after the flags are final)."""
-    def need(ok, name, what):
-        if not ok:
-            raise ValueError(f"{_flag(name)} {what}, got {getattr(cfg, name)!r}")
-
-    choices = dict(ffn=("auto", "mlp", "swiglu"), centering=("softmax", "sinkhorn_knopp"), blur=("paper", "released"),
-                   strategy=("auto", "none", "ddp", "fsdp"), dtype=("auto", "bf16", "fp32"),
-                   synthetic_background=BACKGROUNDS)
-    for name, known in choices.items():
-        need(getattr(cfg, name) in known, name, f"must be one of {', '.join(known)}")
-    need(cfg.arch in vit.ARCHS, "arch", f"must be one of {', '.join(sorted(vit.ARCHS))}")
-    need(cfg.device.split(":")[0] in ("auto", "cpu", "cuda", "mps"), "device", "must be auto, cpu, cuda[:N] or mps")
-    for name in ("patch_size", "n_prototypes", "head_hidden_dim", "head_bottleneck_dim", "ibot_n_prototypes",
-                 "ibot_bottleneck_dim", "synthetic_images", "synthetic_size", "batch_size", "epoch_length",
-                 "save_every", "keep_last", "log_every"):
-        need(getattr(cfg, name) >= 1, name, "must be >= 1")
-    for name in ("depth", "num_registers", "n_local", "monitor_every", "monitor_images", "dino_weight", "ibot_weight",
-                 "koleo_weight", "nproc", "warmup_teacher_temp_epochs", "layerscale", "min_lr", "warmup_epochs",
-                 "weight_decay", "weight_decay_end", "freeze_last_layer_epochs", "patch_embed_lr_mult",
-                 "heads_warmup_epochs"):
-        need(getattr(cfg, name) >= 0, name, "must be >= 0")
-    for name in ("student_temp", "teacher_temp", "warmup_teacher_temp", "epochs", "base_lr", "clip_grad",
-                 "layer_decay"):
-        need(getattr(cfg, name) > 0, name, "must be > 0")
-    for name in ("drop_path", "p_grayscale", "mask_probability", "momentum_teacher", "layer_decay"):
-        need(0 <= getattr(cfg, name) <= 1, name, "must be between 0 and 1")
-    need(0 <= cfg.synthetic_rotation <= 360, "synthetic_rotation", "must be between 0 and 360 degrees")
-    need(0 <= cfg.hue_jitter <= 0.5, "hue_jitter", "must be between 0 and 0.5 (a hue shift of +-0.5 is any hue)")
-    need(cfg.num_workers >= -1, "num_workers", "must be >= 0, or -1 for auto")
-    for name, what, top in (("global_scale", "area", 1), ("local_scale", "area", 1),
-                            ("synthetic_object_size", "radius", 0.5)):
-        lo, hi = getattr(cfg, name)
-        need(0 < lo <= hi <= top, name, f"must be two {what} fractions 0 < low <= high <= {top}")
-    lo, hi = cfg.mask_ratio
-    need(0 <= lo <= hi <= 1, "mask_ratio", "must be two fractions 0 <= low <= high <= 1")
-    for name in ("global_size", "local_size"):  # the patch embedding takes whole patches only
-        if name == "global_size" or cfg.n_local > 0:
-            size = getattr(cfg, name)
-            need(size >= cfg.patch_size and size % cfg.patch_size == 0, name,
-                 f"must be a multiple of the patch size (--patch-size {cfg.patch_size})")
-    need(int(cfg.epochs * cfg.epoch_length) >= 1, "epochs", f"x --epoch-length {cfg.epoch_length} must give at least "
-         "one iteration")
+        """Every value checked before anything is built: the declared ranges and choices of the fields (cli.arg's
+        check=), then what spans several fields; a ValueError naming the flag (a usage error in cli.parse). Presets,
+        tests and dataclasses.replace go through here too."""
+        cli.check_fields(self)
+        for name in ("global_scale", "local_scale", "synthetic_object_size", "mask_ratio"):
+            lo, hi = getattr(self, name)
+            if not (lo <= hi and (lo > 0 or name == "mask_ratio")):
+                raise ValueError(f"{flag(name)} must be two values 0 < low <= high (mask ratio: 0 <= low), got "
+                                 f"{(lo, hi)}")
+        for name in ("global_size", "local_size"):  # the patch embedding takes whole patches only
+            if (name == "global_size" or self.n_local > 0) and getattr(self, name) % self.patch_size:
+                raise ValueError(f"{flag(name)} must be a multiple of the patch size (--patch-size "
+                                 f"{self.patch_size}), got {getattr(self, name)}")
+        if self.device.split(":")[0] not in ("auto", "cpu", "cuda", "mps"):
+            raise ValueError(f"--device must be auto, cpu, cuda[:N] or mps, got {self.device!r}")
+        if int(self.epochs * self.epoch_length) < 1:
+            raise ValueError(f"--epochs x --epoch-length {self.epoch_length} must give at least one iteration")
 
 
 def check_paths(cfg):
@@ -192,7 +168,7 @@ def check_paths(cfg):
     for name in ("data", "init_from", "monitor_data", "teacher"):
         path = getattr(cfg, name, "")
         if path and not os.path.exists(path):
-            raise cli.MissingFile(f"{_flag(name)} {path}: no such file or folder")
+            raise cli.MissingFile(f"{flag(name)} {path}: no such file or folder")
 
 
 # Each preset is what the paper trained at that size; flags override single fields.
@@ -201,19 +177,12 @@ LARGE_RECIPE = dict(  # vitl14.yaml / vitg14.yaml: the recipe of the released mo
     ibot_n_prototypes=131072, ibot_bottleneck_dim=256, centering="sinkhorn_knopp", base_lr=2e-4, epochs=500,
     warmup_epochs=80, weight_decay_end=0.2, momentum_teacher=0.994, layer_decay=1.0, batch_size=32)
 PRESETS = {
-    # The laptop default: under 10 minutes on two CPU cores, 32-px crops of 64-px synthetic images, a 6-block vit_tiny
-    # with 8-px patches (16 tokens a global crop: ~90 images/s). Each departure was measured: ABLATIONS.md's table.
-    # NOTE(deviation): peak lr 3e-4 (base_lr 0.0017 at batch 32), not 7e-4: with labels, this ViT at lr >= 1e-3
-    # stays at chance for 400 steps, at 3e-4 it learns. LayerScale starts at 0.1 (at 1e-5 the cls token of a fresh
-    # ViT is the same for every image, a plateau a short run cannot wait out).
-    # NOTE(deviation): every crop is grey (p_grayscale 1): the objects' hue is drawn per image, so colour would
-    # identify an image across views (the cls token learns colour, kNN at chance); hue jitter removes it too, but
-    # lowers the teacher's cross-view correlation at init to ~0.26, below teacher_temp / student_temp = 0.4, where
-    # the uniform target is stable; grey crops keep ~0.43.
-    # NOTE(deviation): 256 prototypes, a 1024-wide head, no drop path, teacher momentum from 0.98, teacher
-    # temperature 0.04 throughout: sized for 1,300 steps, not 125k.
-    # Upright objects on plain backgrounds (nuisances still class-independent): on the full set (--synthetic-rotation
-    # 360 --synthetic-background texture) k-NN 21% (random 13%; labels do not pass raw pixels), here 49% (§6-7).
+    # The laptop default (`python train.py`): a 6-block vit_tiny, 8-px patches on 32-px crops of 64-px synthetic images,
+    # under 10 minutes on two CPU cores. Each departure below was measured; the runs are in ABLATIONS.md.
+    # NOTE(deviation): peak lr 3e-4 (base_lr 0.0017 at batch 32), LayerScale 0.1: this small ViT does not train at 7e-4.
+    # NOTE(deviation): every crop grey: the objects' hue is drawn per image, so colour alone would match two views.
+    # NOTE(deviation): 256 prototypes, a 1024-wide head, no drop path, momentum from 0.98, teacher temp 0.04: short run.
+    # NOTE(deviation): upright objects on plain backgrounds: the full synthetic set is out of reach in this budget.
     "vit_tiny": dict(
         synthetic_rotation=0.0, synthetic_background="plain", depth=6, patch_size=8, synthetic_images=10000,
         synthetic_size=64, global_size=32, local_size=16, n_local=6, hue_jitter=0.0, p_grayscale=1.0, n_prototypes=256,
@@ -378,7 +347,34 @@ def ema_update(teacher, student, momentum):
 
 
 # -----------------------------------------------------------------------------------------------------------------
-# Parallelism, applied from outside the model: the model code knows nothing of DDP or FSDP2.
+# Precision and parallelism: the two switches, then what they do, applied from outside the model (vit.py and
+# losses.py know nothing of autocast, DDP or FSDP2).
+
+def resolve_strategy(cfg, world, n_params):
+    """--strategy: none in one process; auto: DDP, or FSDP2 above 200M backbone parameters (vit_g: 1.1B)."""
+    if cfg.strategy != "auto":
+        if world == 1 and cfg.strategy != "none":
+            return "none"  # one process: nothing to wrap
+        return cfg.strategy
+    return "none" if world == 1 else ("fsdp" if n_params > 200e6 else "ddp")
+
+
+def compute_dtype(dtype, device):
+    """--dtype: bf16 or fp32 compute (the master weights stay fp32). auto: bf16 on CUDA; fp32 on CPU and MPS, where
+    bf16 matmuls are slow or partial (--dtype bf16 runs the GPU's precision path on a CPU, as the tests do)."""
+    bf16 = dtype == "bf16" or (dtype == "auto" and torch.device(device).type == "cuda")
+    return torch.bfloat16 if bf16 else torch.float32
+
+
+def autocast_for(device, strategy, dtype="auto"):
+    """bf16 autocast when --dtype gives bf16 (fp32 master weights); under FSDP2 the MixedPrecisionPolicy casts the
+    parameters instead. Losses upcast to fp32 in losses.py whatever this gives."""
+    if compute_dtype(dtype, device) == torch.bfloat16 and strategy != "fsdp":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+# Parallelism: activation checkpointing, compile, then DDP or FSDP2 wrapped around the finished model.
 
 def parallelize(model, cfg, strategy, device, trainable):
     """Activation checkpointing and compile per block, then DDP or FSDP2 (each block, each head, then the root)."""
@@ -456,34 +452,6 @@ def build_data(cfg, rank, world, start_step, device):
     return loader, len(images)
 
 
-def build_monitor(cfg, n_images):
-    """The online k-NN monitor (evaluate.KnnMonitor) on a labelled split, or None when it is off.
-
-    Synthetic data: a bank of training images and as many images of another seed, which training never sees.
-    --monitor-data (or --data when it has class sub-folders): its images split in two halves by a fixed shuffle.
-    """
-    if cfg.monitor_every <= 0 or cfg.monitor_images <= 0:
-        return None
-    from evaluate import KnnMonitor  # evaluation code, only imported when the monitor is on
-    n = cfg.monitor_images
-    folder = cfg.monitor_data or cfg.data
-    if folder:
-        images = ImageFolderDataset(folder)
-        if len(images.classes) < 2:
-            print0(f"k-NN monitor off: {folder} has no class sub-folders (pass --monitor-data FOLDER with them)")
-            return None
-        order = np.random.default_rng(cfg.seed).permutation(len(images))
-        bank, queries = (torch.utils.data.Subset(images, order[half::2][:n].tolist()) for half in (0, 1))
-        n_classes = len(images.classes)
-    else:
-        kind = variant(vars(cfg))
-        bank = SyntheticDataset(n=min(n, n_images), size=cfg.synthetic_size, seed=cfg.seed, **kind)
-        queries = SyntheticDataset(n=n, size=cfg.synthetic_size, seed=cfg.seed + 1, **kind)
-        n_classes = bank.n_classes
-    grey = cfg.p_grayscale >= 1  # a run that only sees grey crops is read on grey images, its raw-pixel floor too
-    return KnnMonitor(bank, queries, n_classes, cfg.global_size, cfg.patch_size, grey=grey)
-
-
 # -----------------------------------------------------------------------------------------------------------------
 # One iteration of DINOv2 (paper §4; released `SSLMetaArch.forward_backward` and `train/train.py`), read top to
 # bottom: schedules, the teacher's targets, the student's predictions, the four loss terms, the update, the EMA.
@@ -512,13 +480,14 @@ class Run:
         return len(self.sched["lr"])
 
 
-def make_run(cfg, rank, world, device, strategy, student_p, student, teacher, ema, **kwargs):
+def make_run(cfg, *, rank, world, device, strategy, student_p, student, teacher, ema, **kwargs):
+    """A Run with its optimizer, centres, schedules and autocast (kwargs: Run's export, ibot_on_all_patches)."""
     fused = device.type == "cuda"  # one fused kernel on CUDA; the multi-tensor (foreach) path elsewhere
     optimizer = torch.optim.AdamW(param_groups(student, cfg), betas=(0.9, 0.999), eps=1e-8, fused=fused,
                                   foreach=not fused)
-    return Run(cfg, rank, world, device, strategy, student, student_p, teacher, ema, optimizer,
-               make_centers(cfg, device), make_schedules(cfg, world), autocast_for(device, strategy, cfg.dtype),
-               **kwargs)
+    return Run(cfg=cfg, rank=rank, world=world, device=device, strategy=strategy, student=student,
+               student_p=student_p, teacher=teacher, ema=ema, optimizer=optimizer, centers=make_centers(cfg, device),
+               sched=make_schedules(cfg, world), autocast=autocast_for(device, strategy, cfg.dtype), **kwargs)
 
 
 def train_step(run, batch, step):
@@ -586,14 +555,6 @@ def clip_gradients(parts, max_norm):
     return norms
 
 
-def autocast_for(device, strategy, dtype="auto"):
-    """bf16 autocast when --dtype gives bf16 (fp32 master weights); under FSDP2 the MixedPrecisionPolicy casts the
-    parameters instead. Losses upcast to fp32 in losses.py whatever this gives."""
-    if compute_dtype(dtype, device) == torch.bfloat16 and strategy != "fsdp":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def make_centers(cfg, device):
     if cfg.centering == "sinkhorn_knopp":
         return {}  # Sinkhorn-Knopp needs no state
@@ -622,30 +583,12 @@ def meta_model(cfg):
 def train(cfg):
     """DINOv2: the teacher is the EMA of the student and gives the targets."""
     if cfg.dry_run:  # what the run needs (parameters, FLOPs, memory per device), nothing allocated
-        raise SystemExit(dry_run(cfg))
+        raise SystemExit(plan.dry_run(cfg, meta_model(cfg), make_schedules))
     rank, world, device, strategy, _ = setup(cfg)
-    check_fits(cfg, world, device)
+    plan.check_fits(cfg, meta_model(cfg), world, device)  # stops with advice before allocating what cannot fit
     student_p, student, teacher = build_models(cfg, strategy, device)
-    fit(make_run(cfg, rank, world, device, strategy, student_p, student, teacher=teacher, ema=teacher))
-
-
-def dry_run(cfg):
-    """--dry-run: print the plan (plan.py) and draw the schedules in <out>/schedules.png; builds nothing."""
-    code = plan.dry_run(cfg, plan.count_parameters(meta_model(cfg)))
-    if int(os.environ.get("RANK", "0")) == 0:  # no process group yet: torchrun's RANK tells
-        from visualize import plot_schedules  # plotting code, imported only when drawing
-        world = cfg.nproc or int(os.environ.get("WORLD_SIZE", "1"))
-        print(f"wrote {plot_schedules(make_schedules(cfg, world), Path(cfg.out) / 'schedules.png')}")
-    return code
-
-
-def check_fits(cfg, world, device):
-    """Print the memory estimate (plan.py) and stop with advice before allocating what cannot fit."""
-    est = plan.estimate(cfg, plan.count_parameters(meta_model(cfg)), world, device.type)
-    print0(plan.compact_estimate(est))
-    ok, advice = plan.fits(est, device)
-    if not ok:  # the estimate is within a few % of the live tensors (tests/test_gpu_paths.py)
-        raise cli.UserError(advice)
+    fit(make_run(cfg, rank=rank, world=world, device=device, strategy=strategy, student_p=student_p, student=student,
+                 teacher=teacher, ema=teacher))
 
 
 def fit(run):

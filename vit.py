@@ -406,7 +406,7 @@ def load_pretrained(model, path_or_state_dict):
     """Load a checkpoint (any layout backbone_state_dict_from reads) into an existing model, strictly. pos_embed is
     resampled to the model's grid when the checkpoint was trained at another size (same formula as at run time). Any
     missing, unexpected or misshapen key stops the load with an error that names them."""
-    from util.weights import _list_keys, backbone_state_dict_from  # the file formats and layouts live in the support package
+    from util.weights import _list_keys, backbone_state_dict_from  # file formats and layouts: the support package
     sd = backbone_state_dict_from(path_or_state_dict)
     pos = sd.get("pos_embed")
     if pos is not None and pos.shape[-1] == model.pos_embed.shape[-1] and pos.shape[1] != model.pos_embed.shape[1]:

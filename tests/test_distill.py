@@ -37,7 +37,8 @@ def test_frozen_teacher_is_bit_identical_after_steps(teacher_file, tmp_path):
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     student_p, student, student_ema = train.build_models(cfg, "none", device)
     ema_before = [p.clone() for p in student_ema.parameters()]
-    train.fit(train.make_run(cfg, 0, 1, device, "none", student_p, student, teacher=teacher, ema=student_ema,
+    train.fit(train.make_run(cfg, rank=0, world=1, device=device, strategy="none",
+                             student_p=student_p, student=student, teacher=teacher, ema=student_ema,
                              export="student", ibot_on_all_patches=True))
     after = teacher.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)

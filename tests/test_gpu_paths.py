@@ -32,7 +32,8 @@ def tiny_setup(argv):
     """The run (models, centres, optimizer, schedules) and one batch of a tiny Config, as train.train builds them."""
     cfg = train.parse_config(argv=argv)
     student_p, student, teacher = train.build_models(cfg, "none", CPU)
-    run = train.make_run(cfg, 0, 1, CPU, "none", student_p, student, teacher=teacher, ema=teacher)
+    run = train.make_run(cfg, rank=0, world=1, device=CPU, strategy="none",
+                         student_p=student_p, student=student, teacher=teacher, ema=teacher)
     batch = next(iter(train.build_data(cfg, 0, 1, 0, CPU)[0]))
     student_p.train()
     return cfg, run, batch
@@ -192,7 +193,8 @@ spy("reduce_scatter_single")
 cfg = train.parse_config(argv=json.loads(sys.argv[1]))
 rank, world, device = distributed.init(cfg.device)
 student_p, student, teacher = train.build_models(cfg, "fsdp", device)
-run = train.make_run(cfg, rank, world, device, "fsdp", student_p, student, teacher=teacher, ema=teacher)
+run = train.make_run(cfg, rank=rank, world=world, device=device, strategy="fsdp",
+                     student_p=student_p, student=student, teacher=teacher, ema=teacher)
 batch = train.to_device(next(iter(train.build_data(cfg, rank, world, 0, device)[0])), device)
 student_p.train()
 terms, _, _ = train.train_step(run, batch, 0)  # lr 0 at step 0: the gradients stay, the weights do not move
@@ -310,7 +312,8 @@ from util import plan
 cfg = train.parse_config(argv=json.loads(sys.argv[1]))
 cpu = torch.device("cpu")
 student_p, student, teacher = train.build_models(cfg, "none", cpu)
-run = train.make_run(cfg, 0, 1, cpu, "none", student_p, student, teacher=teacher, ema=teacher)
+run = train.make_run(cfg, rank=0, world=1, device=cpu, strategy="none",
+                     student_p=student_p, student=student, teacher=teacher, ema=teacher)
 data = iter(train.build_data(cfg, 0, 1, 0, cpu)[0])
 student_p.train()
 for step in range(2):  # from step 2 on the AdamW moments exist during forward and backward

@@ -77,7 +77,8 @@ def test_one_step_leaves_teacher_to_the_ema():
     cfg = train.parse_config(argv=TINY)
     cpu = torch.device("cpu")
     student_p, student, teacher = train.build_models(cfg, "none", cpu)
-    run = train.make_run(cfg, 0, 1, cpu, "none", student_p, student, teacher=teacher, ema=teacher)
+    run = train.make_run(cfg, rank=0, world=1, device=cpu, strategy="none",
+                         student_p=student_p, student=student, teacher=teacher, ema=teacher)
     in_opt = {id(p) for g in run.optimizer.param_groups for p in g["params"]}
     assert not any(id(p) in in_opt for p in teacher.parameters())  # the optimizer never sees the teacher
     assert all(not p.requires_grad for p in teacher.parameters()) and not teacher.training

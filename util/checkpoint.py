@@ -82,15 +82,15 @@ class Checkpointer:
                                 f"start over there, or pick another --out")
         return 0
 
-    def check_finite(self, step, modules, first_bad=None, terms=()):
-        """Raise NonFiniteError unless every parameter and buffer of `modules` is finite and no loss term was
-        non-finite (first_bad: the first non-finite step per term, -1 if none). The verdict is reduced over ranks,
-        so every rank raises together, before anything is written."""
+    def check_finite(self, step, modules=(), first_bad=None, terms=()):
+        """The one finiteness check: raise NonFiniteError unless every parameter and buffer of `modules` is finite
+        and no loss term was non-finite (first_bad: the first non-finite step per term, -1 if none). The verdict is
+        reduced over ranks, so every rank raises together, before anything is written. One host sync."""
         tensors = [local_tensor(t) for m in modules for t in (*m.parameters(), *m.buffers()) if t.is_floating_point()]
-        device = tensors[0].device
-        ok = torch.stack([torch.isfinite(t).all() for t in tensors]).all()  # one value, on the device
-        status = torch.cat([(~ok).long().view(1), (first_bad if first_bad is not None else
-                                                  torch.full((0,), -1, dtype=torch.long, device=device)).long()])
+        device = tensors[0].device if tensors else first_bad.device
+        ok = torch.stack([torch.isfinite(t).all() for t in tensors]).all() if tensors else torch.tensor(True)
+        flags = first_bad if first_bad is not None else torch.full((0,), -1, dtype=torch.long, device=device)
+        status = torch.cat([(~ok).long().view(1).to(device), flags.long()])
         if is_dist():
             dist.all_reduce(status, op=dist.ReduceOp.MAX)
         status = status.tolist()

@@ -19,10 +19,12 @@ Run:
 """
 import dataclasses
 import os
+from pathlib import Path
 
 import torch
 
-from util.distributed import pick_device
+from util.cli import UserError
+from util.distributed import pick_device, print0
 
 GiB = 2 ** 30
 # Memory that the framework's own allocator does not count: the CUDA context with cuBLAS / cuDNN workspaces, or on
@@ -44,23 +46,6 @@ def count_parameters(model):
     blocks = [sum(p.numel() for p in b.parameters()) for b in model.backbone.blocks]
     units = blocks + [v for k, v in parts.items() if k != "backbone"] + [parts["backbone"] - sum(blocks)]
     return dict(parts=parts, total=sum(parts.values()), largest_unit=max(units), model=model)
-
-
-def resolve_strategy(cfg, world, n_params):
-    if cfg.strategy != "auto":
-        if world == 1 and cfg.strategy != "none":
-            return "none"  # one process: nothing to wrap
-        return cfg.strategy
-    return "none" if world == 1 else ("fsdp" if n_params > 200e6 else "ddp")
-
-
-def compute_dtype(dtype, device):
-    """--dtype: bf16 or fp32 compute (the master weights stay fp32). auto: bf16 on CUDA; fp32 on CPU and MPS, where
-    bf16 matmuls are slow or partial (--dtype bf16 runs the GPU's precision path on a CPU, as the tests do)."""
-    if dtype not in ("auto", "bf16", "fp32"):
-        raise ValueError(f"unknown --dtype {dtype!r}; known: auto, bf16, fp32")
-    bf16 = dtype == "bf16" or (dtype == "auto" and torch.device(device).type == "cuda")
-    return torch.bfloat16 if bf16 else torch.float32
 
 
 PEAK_BF16_TFLOPS = {"H200": 989, "H100": 989, "A100": 312, "L40S": 362, "A10G": 70, "RTX 4090": 165,
@@ -112,6 +97,7 @@ def estimate(cfg, counts, world=None, device_type=None):
     device_type = device_type or resolve_device_type(cfg)
     backbone = counts["model"].backbone
     P = counts["total"]
+    from train import compute_dtype, resolve_strategy  # the switches live where they act, in train.py
     strategy = resolve_strategy(cfg, world, counts["parts"]["backbone"])
     bf16 = compute_dtype(cfg.dtype, torch.device(device_type)) == torch.bfloat16
     shard = world if strategy == "fsdp" else 1
@@ -331,15 +317,29 @@ def fits(est, device):
     return False, advice
 
 
-def dry_run(cfg, counts):
+def dry_run(cfg, model, make_schedules):
     """`python train.py --dry-run`: the estimate for cfg.nproc processes (0: torchrun's WORLD_SIZE, else 1) of
-    cfg.device, printed by rank 0; returns 0."""
-    est = estimate(cfg, counts, cfg.nproc or int(os.environ.get("WORLD_SIZE", "1")))
-    if int(os.environ.get("RANK", "0")) != 0:
+    cfg.device, printed by rank 0, and the schedules drawn in <out>/schedules.png; returns 0. `model`: the student
+    on the meta device (train.meta_model); make_schedules: train.make_schedules."""
+    world = cfg.nproc or int(os.environ.get("WORLD_SIZE", "1"))
+    est = estimate(cfg, count_parameters(model), world)
+    if int(os.environ.get("RANK", "0")) != 0:  # no process group yet: torchrun's RANK tells
         return 0
     print(format_estimate(est))
     here = resolve_device_type(dataclasses.replace(cfg, device="auto"))
     if est["device_type"] == here:  # the device this machine has: say whether it fits, and what would
         ok, advice = fits(est, torch.device(here))
         print(f"fits this machine's {here}: " + ("yes" if ok else f"no; {advice}"))
+    from visualize import plot_schedules  # plotting code, imported only when drawing
+    print(f"wrote {plot_schedules(make_schedules(cfg, world), Path(cfg.out) / 'schedules.png')}")
     return 0
+
+
+def check_fits(cfg, model, world, device):
+    """Before a real run allocates: print the memory estimate's line, and stop with advice (a UserError) when it
+    cannot fit. The estimate is within a few % of the live tensors (tests/test_gpu_paths.py)."""
+    est = estimate(cfg, count_parameters(model), world, device.type)
+    print0(compact_estimate(est))
+    ok, advice = fits(est, device)
+    if not ok:
+        raise UserError(advice)

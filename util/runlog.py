@@ -17,12 +17,13 @@ import signal
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
 from util import cli
-from util.checkpoint import NonFiniteError, atomic_write_text
+from util.checkpoint import atomic_write_text
 from data import SkipReport
 from util.distributed import is_dist, print0
 from util.plan import flops_per_image, peak_flops
@@ -75,14 +76,10 @@ class Logger:
         if not ((step + 1) % cfg.log_every == 0 or last or monitor_now or (self.stop.requested and not is_dist())):
             return False
         stats = torch.cat([self.running, torch.tensor([float(self.stop.requested)], device=run.device)])
+        self.ckpt.check_finite(step, first_bad=self.first_bad, terms=TERMS)  # every rank stops on a bad term
         if is_dist():
             dist.all_reduce(stats)  # sums over ranks; a stop asked on any rank stops all of them
-            dist.all_reduce(self.first_bad, op=dist.ReduceOp.MAX)
-        stats, bad = stats.tolist(), self.first_bad.tolist()  # the one host sync per log step
-        if max(bad) >= 0:
-            bad_step, name = min((b, t) for b, t in zip(bad, TERMS) if b >= 0)
-            raise NonFiniteError(f"non-finite loss: term '{name}' at step {bad_step}; nothing was saved after it. "
-                                 f"{self.ckpt.last_good()}")
+        stats = stats.tolist()  # the host sync of a log step
         now = time.perf_counter()
         n_steps = stats[len(TERMS)] / run.world
         means = {k: stats[i] / stats[len(TERMS)] for i, k in enumerate(TERMS)}
@@ -119,6 +116,35 @@ class Logger:
 
     def close(self):
         self.bar.close()
+
+
+def build_monitor(cfg, n_images):
+    """The online k-NN monitor (evaluate.KnnMonitor) on a labelled split, or None when it is off.
+
+    Synthetic data: a bank of training images and as many images of another seed, which training never sees.
+    --monitor-data (or --data when it has class sub-folders): its images split in two halves by a fixed shuffle.
+    """
+    if cfg.monitor_every <= 0 or cfg.monitor_images <= 0:
+        return None
+    from data import ImageFolderDataset, SyntheticDataset, variant
+    from evaluate import KnnMonitor  # evaluation code, only imported when the monitor is on
+    n = cfg.monitor_images
+    folder = cfg.monitor_data or cfg.data
+    if folder:
+        images = ImageFolderDataset(folder)
+        if len(images.classes) < 2:
+            print0(f"k-NN monitor off: {folder} has no class sub-folders (pass --monitor-data FOLDER with them)")
+            return None
+        order = np.random.default_rng(cfg.seed).permutation(len(images))
+        bank, queries = (torch.utils.data.Subset(images, order[half::2][:n].tolist()) for half in (0, 1))
+        n_classes = len(images.classes)
+    else:
+        kind = variant(vars(cfg))
+        bank = SyntheticDataset(n=min(n, n_images), size=cfg.synthetic_size, seed=cfg.seed, **kind)
+        queries = SyntheticDataset(n=n, size=cfg.synthetic_size, seed=cfg.seed + 1, **kind)
+        n_classes = bank.n_classes
+    grey = cfg.p_grayscale >= 1  # a run that only sees grey crops is read on grey images, its raw-pixel floor too
+    return KnnMonitor(bank, queries, n_classes, cfg.global_size, cfg.patch_size, grey=grey)
 
 
 class StopRequest:
