@@ -11,29 +11,19 @@ Public names, in reading order:
     CropParams, MultiCropAugmentation                      2 global + n_local crops per image
     MaskingGenerator                                       random rectangular blocks on the patch grid
     MultiCropCollate                                       a rank's slice of a global batch, with its iBOT masks
-    ImageFolderDataset                                     folder / class sub-folders / .txt list of paths
+    images_under, ImageFolderDataset                       folder / class sub-folders / .txt list of paths
+    SYNTHETIC_SHAPES, SyntheticDataset, variant            the synthetic set: drawn shapes, labels and masks
     stream_seed, seeded                                    the one seed formula: (seed, purpose, position)
     GlobalBatchSampler, MultiCropDataset                   the training stream: global batches cut into rank
                                                            slices, every draw seeded by stream position
-    SkipReport                                             unreadable files of the stream, named and counted
-    SYNTHETIC_SHAPES, SyntheticDataset, variant            the synthetic set: drawn shapes, labels and masks
 
-Randomness: an augmentation draws from a `random.Random` seeded from torch's global RNG (`torch_seed()`), so
-torch.manual_seed fixes it. In training, each image's augmentation runs under seeded(stream_seed(seed, AUGMENT,
-position)) and each batch's masks come from stream_seed(seed, MASK, step, crop): the data of a step is a function
-of its place in the stream alone, whatever the number of ranks and DataLoader workers.
-
-Run `python data.py` to print the masking statistics (200 batches of 64 images, 16x16 grid) and the augmentation
-speed (images/s for one worker, the full 2 x 224 + 8 x 98 pipeline on a 500x375 photo-sized JPEG).
+Run the tests: python -m pytest -q tests/test_data.py (bench.py measures the augmentation speed).
 """
 import colorsys
 import contextlib
-import functools
-import io
 import math
 import os
 import random
-import time
 import warnings
 from dataclasses import dataclass
 
@@ -41,9 +31,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageOps
 
-
-from util import cli
-from util.cli import MissingFile, UserError, arg
+from util.cli import MissingFile, UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -68,7 +56,6 @@ def torch_seed() -> int:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Loading: any file, any PIL mode -> upright RGB
-# ---------------------------------------------------------------------------------------------------------------
 
 def convert_to_rgb(img: Image.Image) -> Image.Image:
     """Convert any PIL mode to RGB: 16/32-bit grey is rescaled, transparency is composited on white."""
@@ -88,25 +75,16 @@ def convert_to_rgb(img: Image.Image) -> Image.Image:
 
 
 def load_image(path) -> Image.Image:
-    """Decode a file (path or file object) fully, apply its EXIF orientation, return it as RGB.
-
-    The full decode happens here, so a truncated file raises here (PIL is lazy otherwise).
-    """
+    """Decode a file (path or file object) fully, so that a truncated file raises here (PIL is lazy otherwise),
+    apply its EXIF orientation, return it as RGB."""
     with Image.open(path) as img:
         img.load()
         ImageOps.exif_transpose(img, in_place=True)  # phone photos store pixels sideways + an orientation tag
         return convert_to_rgb(img)
 
 
-@functools.lru_cache(maxsize=256)
-def _hue_lut(shift: int) -> list:
-    """Lookup table that rotates PIL's 8-bit hue channel by `shift` (hue wraps around)."""
-    return [(x + shift) % 256 for x in range(256)]
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Multi-crop augmentation (released `dinov2/data/augmentations.py`), in uint8 PIL until the final tensor
-# ---------------------------------------------------------------------------------------------------------------
 
 @dataclass
 class CropParams:
@@ -225,7 +203,8 @@ class MultiCropAugmentation:
                 out = ImageEnhance.Color(out).enhance(factor)
             else:                       # rotate the hue channel, as torchvision's PIL path does
                 h, s, v = out.convert("HSV").split()
-                h = h.point(_hue_lut(int(factor * 255) % 256))
+                shift = int(factor * 255) % 256
+                h = h.point([(x + shift) % 256 for x in range(256)])  # PIL's 8-bit hue wraps around
                 out = Image.merge("HSV", (h, s, v)).convert("RGB")
         if p.grayscale:
             out = out.convert("L").convert("RGB")
@@ -248,16 +227,11 @@ class MultiCropAugmentation:
 
 # ---------------------------------------------------------------------------------------------------------------
 # iBOT block masking and the collate function (released `dinov2/data/masking.py`, `collate.py`)
-# ---------------------------------------------------------------------------------------------------------------
 
 class MaskingGenerator:
-    """BEiT-style block masking on an (h, w) patch grid: rectangles of random area and aspect until the target.
-
-    `__call__(num_masking_patches)` places blocks; each block has a target area U(min_num_patches,
-    min(remaining, max_num_patches)) and a log-uniform aspect ratio, h = round(sqrt(area * aspect)),
-    w = round(sqrt(area / aspect)). Rounding can turn a 4-patch target into a 3 x 1 block, as in the released code.
-    It stops at the target or when a block adds nothing after 10 tries, so it can undershoot a little.
-    """
+    """BEiT-style block masking on an (h, w) patch grid: `__call__(num_masking_patches)` adds rectangles of random
+    area and log-uniform aspect until the target, or until a block adds nothing after 10 tries (then a little short).
+    Rounding can turn a 4-patch target into a 3 x 1 block, as in the released code."""
 
     def __init__(self, input_size=(16, 16), max_num_patches=None, min_num_patches=4, min_aspect=0.3,
                  max_aspect=None):
@@ -300,18 +274,16 @@ class MaskingGenerator:
 
 
 class MultiCropCollate:
-    """Collate one rank's slice of a global batch, [(stream position, (crops_dict, label)[, skipped files])] * B,
-    into the batch the loop uses, and draw the iBOT masks of its global crops.
+    """Collate one rank's slice of a global batch, [(stream position, crops_dict, label, skipped files)] * B (from
+    MultiCropDataset), into the batch the loop uses, and draw the iBOT masks of its global crops.
 
     Stacking is view-major (crop j of image b at row j * B + b), so the first B rows are view 0 of every image.
     Masks (released `collate.py`): exactly int(2B * mask_probability) global crops of the *global* batch are masked;
     masked crop i targets int(N * U(p_i, p_i+1)) patches with p = linspace(min_ratio, max_ratio, n + 1) (stratified
     ratios), and the targets are shuffled across all crops, so the two views of one image are masked independently.
-    Every draw is seeded by (seed, step, crop), with step and rank read from the stream positions.
     NOTE(deviation): the released collate stratifies over each GPU's own 2B crops; here over the global batch, so a
     rank's masks are its slice of those a single process draws for the same global batch: same statistics, and
     DDP / FSDP runs reproduce a single-process run exactly.
-    `local_size` (optional) only sets the shape of the empty local tensor when there are no local crops.
     """
 
     def __init__(self, mask_generator, mask_ratio=(0.1, 0.5), mask_probability=0.5, world=1, seed=0,
@@ -337,8 +309,7 @@ class MultiCropCollate:
         return np.stack(masks).reshape(2 * B, grid.num_patches)  # (2B, N)
 
     def __call__(self, items) -> dict:
-        positions = [item[0] for item in items]
-        crops = [item[1][0] for item in items]
+        positions, crops, labels, skipped = zip(*items)  # per image: stream position, views, label, skipped files
         B = len(crops)
         step, first = divmod(positions[0], B * self.world)  # which global batch, and where this rank's slice starts
         n_global, n_local = len(crops[0]["global_crops"]), len(crops[0]["local_crops"])
@@ -346,7 +317,7 @@ class MultiCropCollate:
         if n_local:
             local_crops = torch.stack([c["local_crops"][j] for j in range(n_local) for c in crops])  # (L*B, 3, Hl, Wl)
         else:
-            s = self.local_size or 0
+            s = self.local_size or 0  # local_size (optional) only sets the shape of this empty tensor
             local_crops = torch.zeros(0, 3, s, s)
         # NOTE(deviation): the released collate casts crops to fp16; here they stay float32 and autocast decides.
         global_crops, local_crops = global_crops.float(), local_crops.float()
@@ -366,14 +337,13 @@ class MultiCropCollate:
             "mask_indices": torch.from_numpy(mask_indices).long(),
             "mask_weights": torch.from_numpy(mask_weights).float(),
             "n_masked": int(mask_indices.size),
-            "labels": torch.tensor([item[1][1] for item in items], dtype=torch.long),
-            "skipped": [path for item in items for path in (item[2] if len(item) > 2 else ())],  # unreadable files
+            "labels": torch.tensor(labels, dtype=torch.long),
+            "skipped": [path for paths in skipped for path in paths],  # unreadable files, named by runlog.SkipReport
         }
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Datasets
-# ---------------------------------------------------------------------------------------------------------------
+# Image folders: a folder of images, of class sub-folders, or a .txt list of paths
 
 def _is_image_name(name: str) -> bool:
     return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
@@ -397,10 +367,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     - A .txt file: one path per line, optionally followed by whitespace and an integer label; relative paths are
       resolved against the list's folder; blank lines and lines starting with '#' are ignored.
     Files are not decoded up front (that would take hours on millions of images). A file that fails to load is
-    skipped: `__getitem__` returns the next readable sample, names each of the first `name_limit` unreadable files in
-    a warning (per process), and counts the failures in `n_skipped` (`summary()` gives a one-line report). Every
-    skip is also appended to `skip_log` (the path), which the training stream drains to report skips from the
-    DataLoader workers in the main process (SkipReport).
+    skipped: `load(index)` gives the next readable sample and the paths skipped to reach it; `__getitem__` names the
+    first `name_limit` unreadable files in warnings (per process); `n_skipped` and `summary()` count them.
     """
     name_limit = 3  # unreadable files named one by one in this process; the rest are counted
 
@@ -425,7 +393,6 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         self.targets = [label for _, label in self.samples]
         self.n_skipped = 0
         self._bad = set()  # indices known to be unreadable in this process
-        self.skip_log = []  # path of every skip since the consumer last drained it
 
     @staticmethod
     def _scan_folder(root):
@@ -480,32 +447,36 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         return len(self.samples)
 
     def __getitem__(self, index):
+        sample, label, _ = self.load(index, warn=True)
+        return sample, label
+
+    def load(self, index, warn=False) -> tuple:
+        """(sample, label, [paths of the unreadable files skipped to reach it]); warn=True names new ones."""
         n = len(self.samples)
         if not -n <= index < n:
             raise IndexError(f"index {index} out of range for {n} samples")
+        skipped = []
         for k in range(n):
             i = (index + k) % n
             path, label = self.samples[i]
-            if i in self._bad:
-                self.skip_log.append(path)
-                continue
-            try:
-                img = load_image(path)
-            except Exception as err:  # any decoder error (OSError, SyntaxError, ValueError, ...) = unusable file
-                self._skip(i, path, err)
-                continue
-            return (self.transform(img) if self.transform is not None else img), label
+            if i not in self._bad:
+                try:
+                    img = load_image(path)
+                except Exception as err:  # any decoder error (OSError, SyntaxError, ValueError, ...) = unusable file
+                    self._skip(i, path, err, warn)
+                else:
+                    return (self.transform(img) if self.transform is not None else img), label, skipped
+            skipped.append(path)
         raise UserError(f"no readable image in {self.root}: all {n} files failed to load")
 
-    def _skip(self, i, path, err):
+    def _skip(self, i, path, err, warn):
         self._bad.add(i)
         self.n_skipped = len(self._bad)
-        self.skip_log.append(path)
-        if self.n_skipped <= self.name_limit:
+        if warn and self.n_skipped <= self.name_limit:
             more = "; further failures are only counted in .n_skipped, see .summary()" \
                 if self.n_skipped == self.name_limit else ""
             warnings.warn(f"{type(self).__name__}({self.root}): skipping unreadable file {path} "
-                          f"({type(err).__name__}: {err}){more}", stacklevel=3)
+                          f"({type(err).__name__}: {err}){more}", stacklevel=4)
 
     def summary(self) -> str:
         bad = sorted(self.samples[i][0] for i in self._bad)
@@ -514,125 +485,10 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The training stream (train.py, distill.py): one endless shuffled stream of images cut into global batches, of
-# which each rank takes its slice. Every random draw of the data (order, augmentations, masks) is seeded by its
-# position in the stream, so the data of step s is the same whatever the number of ranks and DataLoader workers,
-# and a resumed run continues it exactly.
-# ---------------------------------------------------------------------------------------------------------------
-
-SHUFFLE, AUGMENT, MASK, DROP_PATH = 1, 2, 3, 4  # what a seed is for: the first key of stream_seed
-
-
-def stream_seed(seed, *keys) -> int:
-    """The one seed formula of the data and the loop: (run seed, purpose, step / position, ...) -> a 63-bit seed.
-    Distinct key tuples give distinct seeds (a polynomial in a prime base; the keys are far below it)."""
-    h = seed
-    for k in keys:
-        h = (h * 1_000_003 + k) % 2**63
-    return h
-
-
-@contextlib.contextmanager
-def seeded(seed):
-    """Run a block with python, numpy and torch (CPU) random generators seeded, then restore them."""
-    py, npy = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed), random.seed(seed), np.random.seed(seed % 2**32)
-        try:
-            yield
-        finally:
-            random.setstate(py), np.random.set_state(npy)
-
-
-class GlobalBatchSampler:
-    """Yields this rank's slice of each global batch: [(dataset index, stream position)] * batch_size.
-
-    The stream visits the dataset in passes, pass p in the order randperm(n) seeded by (seed, SHUFFLE, p); global
-    batch s is positions [s * GB, (s + 1) * GB), GB = batch_size * world, and rank r takes the r-th slice of it.
-    `start_step` resumes at global batch start_step without replaying the passes before it.
-    NOTE(deviation): the released sampler (`samplers.py`) gives each rank its own shuffled shard; here one global
-    stream, so a run resumed on a different number of GPUs continues the same data, and DDP / FSDP runs see exactly
-    the batches of a single-process run (the tests check this).
-    """
-
-    def __init__(self, n, batch_size, rank=0, world=1, seed=0, start_step=0):
-        if n < 1:
-            raise ValueError("the dataset is empty")
-        self.n, self.B, self.rank, self.world, self.seed, self.start = n, batch_size, rank, world, seed, start_step
-
-    def order(self, pass_index):
-        g = torch.Generator().manual_seed(stream_seed(self.seed, SHUFFLE, pass_index))
-        return torch.randperm(self.n, generator=g).tolist()
-
-    def __iter__(self):
-        gb = self.B * self.world
-        pos = self.start * gb
-        pass_index, order = None, None
-        while True:
-            batch = []
-            for p in range(pos, pos + gb):
-                if p // self.n != pass_index:
-                    pass_index = p // self.n
-                    order = self.order(pass_index)
-                batch.append((order[p % self.n], p))
-            pos += gb
-            yield batch[self.rank * self.B:(self.rank + 1) * self.B]
-
-
-class MultiCropDataset(torch.utils.data.Dataset):
-    """(dataset index, stream position) -> (position, (multi-crop views, label), files skipped on the way); the
-    augmentation of a position is a function of (seed, position) alone."""
-
-    def __init__(self, images, augment, seed):
-        self.images, self.augment, self.seed = images, augment, seed
-        if hasattr(images, "skip_log"):  # an image folder: its skips are named once, by SkipReport in the main
-            images.name_limit = 0  # process, not by each DataLoader worker that meets them
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, item):
-        """-> (stream position, (views, label), [paths of the unreadable files skipped to get this image])"""
-        index, pos = item
-        image, label = self.images[index]
-        log = getattr(self.images, "skip_log", None)  # files this worker skipped to return an image
-        skipped = log[:] if log else []
-        if log:
-            log.clear()
-        with seeded(stream_seed(self.seed, AUGMENT, pos)):
-            return pos, (self.augment(image), label), skipped
-
-
-class SkipReport:
-    """The unreadable files the training stream skipped, reported by the main process (the DataLoader workers that
-    meet them only log them, see MultiCropDataset): the first `name_limit` files named as they are met, then at the
-    end of each epoch the count of skips in it; `row()` is the metrics.jsonl key."""
-
-    def __init__(self, epoch_length, name_limit=5, prefix="", write=print):
-        self.epoch_length, self.name_limit, self.prefix, self.write = epoch_length, name_limit, prefix, write
-        self.files, self.in_epoch = set(), 0  # distinct unreadable files so far; skips in this epoch
-
-    def update(self, paths, step):
-        """`paths`: the files skipped to build the batch of iteration `step`."""
-        for path in paths:
-            self.in_epoch += 1
-            if path not in self.files:
-                self.files.add(path)
-                if len(self.files) <= self.name_limit:
-                    more = "; the next ones are only counted" if len(self.files) == self.name_limit else ""
-                    self.write(f"{self.prefix}skipping unreadable file {path}{more}")
-        if (step + 1) % self.epoch_length == 0 and self.in_epoch:
-            self.write(f"{self.prefix}epoch {(step + 1) // self.epoch_length}: {self.in_epoch} sample(s) skipped for "
-                       f"unreadable files ({len(self.files)} distinct unreadable files so far)")
-            self.in_epoch = 0
-
-    def row(self) -> dict:
-        return {"skipped_files": len(self.files)}
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The synthetic set: one drawn shape per image, the class being the shape and nothing else
-# ---------------------------------------------------------------------------------------------------------------
+# The synthetic set: one drawn shape per image, the class being the shape and nothing else. It needs no download, so
+# `python train.py` and the tests run anywhere. Colour, size, position, rotation and background are drawn independently
+# of the class, so a feature that classifies these images has learned shapes (tests/test_data.py fits a classifier on
+# the nuisances and finds chance). Each sample carries its foreground mask for evaluate.py's segmentation score.
 
 BACKGROUNDS = ("texture", "plain")
 OBJECT_SIZE = (0.25, 0.45)  # the radius of a shape's unit disc, as a fraction of the image side (a range)
@@ -685,23 +541,12 @@ def _draw_shape(name, size, center, radius, angle) -> Image.Image:
     return mask
 
 
-def variant(config: dict) -> dict:
-    """The set's variant in a run's config (train.py's synthetic_* flags) as SyntheticDataset keywords; the defaults
-    (any angle, textured, radius 0.25-0.45) for a config that predates a flag, so a run is read on the images it saw."""
-    return dict(rotation=float(config.get("synthetic_rotation", 360.0)),
-                background=str(config.get("synthetic_background", "texture")),
-                object_size=tuple(float(r) for r in config.get("synthetic_object_size", OBJECT_SIZE)))
-
-
 class SyntheticDataset(torch.utils.data.Dataset):
-    """One object per image on a textured or plain background, drawn on the fly; needs no download.
+    """One object per image, drawn on the fly; class c is the shape SYNTHETIC_SHAPES[c], labels are i % n_classes.
 
-    Class c is a shape, SYNTHETIC_SHAPES[c], and nothing else: its colour, size, position, rotation and the
-    background are drawn independently of the class, so no shortcut reaches the label and a feature that classifies
-    these images has learned shapes. Objects are saturated and span 50-90 % of the image side (never cut by the
-    border); backgrounds are muted (low saturation) noise, stripes or gradients, so the foreground is visually
-    distinct. Labels are i % n_classes (balanced). Everything is a function of (seed, index): sample(i) is the same
-    in every process and every epoch.
+    Objects are saturated and never cut by the border; backgrounds are muted (low saturation) noise, stripes or
+    gradients, so the foreground is visually distinct. Everything is a function of (seed, index): sample(i) is the
+    same in every process and every epoch.
 
     Three knobs change the set without giving any class a shortcut (ABLATIONS.md §6-8 measure them):
     rotation: the angle is drawn from [0, rotation) degrees (360: any angle; 0: every shape upright).
@@ -779,71 +624,97 @@ class SyntheticDataset(torch.utils.data.Dataset):
         img, label, _ = self.sample(i)
         return (self.transform(img) if self.transform is not None else img), label
 
+    def load(self, i) -> tuple:
+        """The training stream's read (see ImageFolderDataset.load): a drawn image is never unreadable."""
+        return *self[i], []
+
+
+def variant(config: dict) -> dict:
+    """The set's variant in a run's config (train.py's synthetic_* flags) as SyntheticDataset keywords; the defaults
+    (any angle, textured, radius 0.25-0.45) for a config that predates a flag, so a run is read on the images it saw."""
+    return dict(rotation=float(config.get("synthetic_rotation", 360.0)),
+                background=str(config.get("synthetic_background", "texture")),
+                object_size=tuple(float(r) for r in config.get("synthetic_object_size", OBJECT_SIZE)))
+
 
 # ---------------------------------------------------------------------------------------------------------------
-# `python data.py`: masking statistics and augmentation speed
-# ---------------------------------------------------------------------------------------------------------------
+# The training stream (train.py, distill.py): one endless shuffled stream of images cut into global batches, of
+# which each rank takes its slice. Every random draw of the data (order, augmentations, masks) is seeded by its
+# position in the stream, so the data of step s is the same whatever the number of ranks and DataLoader workers,
+# and a resumed run continues it exactly.
 
-@dataclass
-class DataCheckConfig:
-    batches: int = arg(200, "masking statistics: collated batches")
-    batch_size: int = arg(64, "images per batch (2 x as many global crops)")
-    grid: int = arg(16, "patch grid side of a global crop (224 / 14)")
-    bench_images: int = arg(200, "augmentation benchmark: images pushed through the full pipeline")
-    global_size: int = arg(224, "benchmark global crop side (the laptop preset is 32)")
-    local_size: int = arg(98, "benchmark local crop side")
-    n_local: int = arg(8, "benchmark local crops per image")
-    blur: str = arg("paper", "blur probabilities: paper or released")
-    seed: int = arg(0, "seed of the masks and the augmentations")
-
-    def __post_init__(self):
-        for name in ("batches", "batch_size", "grid", "bench_images", "global_size", "local_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.n_local < 0:
-            raise ValueError(f"--n-local must be >= 0, got {self.n_local}")
-        if self.blur not in ("paper", "released"):
-            raise ValueError(f"--blur must be paper or released, got {self.blur!r}")
+SHUFFLE, AUGMENT, MASK, DROP_PATH = 1, 2, 3, 4  # what a seed is for: the first key of stream_seed
 
 
-def main(argv=None):
-    from tqdm import tqdm
-
-    cfg = cli.parse(DataCheckConfig, argv, __doc__.splitlines()[0])
-    print(cfg)
-    torch.manual_seed(cfg.seed)
-    torch.set_num_threads(1)  # one DataLoader worker = one thread
-
-    collate = MultiCropCollate(MaskingGenerator((cfg.grid, cfg.grid)), seed=cfg.seed)
-    dummy = {"global_crops": [torch.zeros(3, 1, 1)] * 2, "local_crops": []}
-    n_masked_crops, ratios = [], []
-    for step in tqdm(range(cfg.batches), desc="masking"):
-        masks = collate([(step * cfg.batch_size + i, (dummy, 0)) for i in range(cfg.batch_size)])["masks"]
-        counts = masks.sum(-1)
-        n_masked_crops.append(int((counts > 0).sum()))
-        ratios += (counts[counts > 0].float() / masks.shape[1]).tolist()
-    r = np.array(ratios)
-    print(f"masked crops per batch: min {min(n_masked_crops)} max {max(n_masked_crops)} "
-          f"(expected int(0.5 * {2 * cfg.batch_size}) = {int(cfg.batch_size)})")
-    print(f"mask ratio over masked crops: mean {r.mean():.4f} min {r.min():.3f} max {r.max():.3f} "
-          f"p10/p50/p90 {np.percentile(r, 10):.3f}/{np.percentile(r, 50):.3f}/{np.percentile(r, 90):.3f}; "
-          f"over all crops {r.sum() / (2 * cfg.batch_size * cfg.batches):.4f}")
-
-    photo = SyntheticDataset(n=1, size=500, seed=cfg.seed).sample(0)[0].crop((0, 0, 500, 375))
-    buf = io.BytesIO()
-    photo.save(buf, format="JPEG", quality=90)
-    aug = MultiCropAugmentation(cfg.global_size, cfg.local_size, cfg.n_local, blur=cfg.blur)
-    for name, step in [("augmentation only", lambda: aug(photo)),
-                       ("JPEG decode + augmentation", lambda: aug(load_image(io.BytesIO(buf.getvalue()))))]:
-        step()  # warm-up
-        wall, cpu = time.perf_counter(), time.process_time()
-        for _ in tqdm(range(cfg.bench_images), desc=name):
-            step()
-        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-        # CPU time is the fairer number on a shared machine: wall time also counts other processes' turns.
-        print(f"{name}: {cfg.bench_images / cpu:.1f} images/s per CPU-second, {cfg.bench_images / wall:.1f} "
-              f"images/s wall, one thread (2 x {aug.global_size} + {aug.n_local} x {aug.local_size} crops, 500x375)")
+def stream_seed(seed, *keys) -> int:
+    """The one seed formula of the data and the loop: (run seed, purpose, step / position, ...) -> a 63-bit seed.
+    Distinct key tuples give distinct seeds (a polynomial in a prime base; the keys are far below it)."""
+    h = seed
+    for k in keys:
+        h = (h * 1_000_003 + k) % 2**63
+    return h
 
 
-if __name__ == "__main__":
-    cli.run(main)
+@contextlib.contextmanager
+def seeded(seed):
+    """Run a block with python, numpy and torch (CPU) random generators seeded, then restore them."""
+    py, npy = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed), random.seed(seed), np.random.seed(seed % 2**32)
+        try:
+            yield
+        finally:
+            random.setstate(py), np.random.set_state(npy)
+
+
+class GlobalBatchSampler:
+    """Yields this rank's slice of each global batch: [(dataset index, stream position)] * batch_size.
+
+    The stream visits the dataset in passes, pass p in the order randperm(n) seeded by (seed, SHUFFLE, p); global
+    batch s is positions [s * GB, (s + 1) * GB), GB = batch_size * world, and rank r takes the r-th slice of it.
+    `start_step` resumes at global batch start_step without replaying the passes before it.
+    NOTE(deviation): the released sampler (`samplers.py`) gives each rank its own shuffled shard; here one global
+    stream, so a run resumed on a different number of GPUs continues the same data, and DDP / FSDP runs see exactly
+    the batches of a single-process run (the tests check this).
+    """
+
+    def __init__(self, n, batch_size, rank=0, world=1, seed=0, start_step=0):
+        if n < 1:
+            raise ValueError("the dataset is empty")
+        self.n, self.B, self.rank, self.world, self.seed, self.start = n, batch_size, rank, world, seed, start_step
+
+    def order(self, pass_index):
+        g = torch.Generator().manual_seed(stream_seed(self.seed, SHUFFLE, pass_index))
+        return torch.randperm(self.n, generator=g).tolist()
+
+    def __iter__(self):
+        gb = self.B * self.world
+        pos = self.start * gb
+        pass_index, order = None, None
+        while True:
+            batch = []
+            for p in range(pos, pos + gb):
+                if p // self.n != pass_index:
+                    pass_index = p // self.n
+                    order = self.order(pass_index)
+                batch.append((order[p % self.n], p))
+            pos += gb
+            yield batch[self.rank * self.B:(self.rank + 1) * self.B]
+
+
+class MultiCropDataset(torch.utils.data.Dataset):
+    """(dataset index, stream position) -> (position, multi-crop views, label, paths of the unreadable files skipped
+    to reach the image); the augmentation of a position is a function of (seed, position) alone. `images` is an
+    ImageFolderDataset or a SyntheticDataset: `images.load(index)` gives (image, label, skipped paths)."""
+
+    def __init__(self, images, augment, seed):
+        self.images, self.augment, self.seed = images, augment, seed
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, item):
+        index, pos = item
+        image, label, skipped = self.images.load(index)  # silent: runlog.SkipReport names them in the main process
+        with seeded(stream_seed(self.seed, AUGMENT, pos)):
+            return pos, self.augment(image), label, skipped

@@ -15,9 +15,9 @@ Public names, in reading order:
     ibot_loss                        cross-entropy on the masked patch tokens
     koleo_loss                       nearest-neighbour spreading of the student cls features
 
-How train.py combines them (a single backward):
-    loss = dino_local + dino_global + koleo_weight * (koleo(A) + koleo(B)) + ibot
-with koleo_weight = 0.1 and A, B the student backbone cls tokens of the two masked global views.
+How train.py combines them (a single backward; the weights are flags, by default 1, 1 and 0.1):
+    loss = dino_weight * (dino_global + dino_local) + ibot_weight * ibot + koleo_weight * (koleo(A) + koleo(B))
+with A, B the student backbone cls tokens of the two masked global views.
 
 Precision: the heads run in whatever dtype autocast gives; the loss functions upcast logits to fp32 before any
 softmax, and centering, Sinkhorn-Knopp and KoLeo run in fp32.

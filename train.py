@@ -54,13 +54,11 @@ from losses import DINOHead, SoftmaxCentering, dino_loss, ibot_loss, koleo_loss,
 @dataclass
 class Config:
     # model
-    arch: str = arg("vit_tiny", "vit_tiny | vit_small | vit_base | vit_large | vit_giant2 (aliases vit_t/s/b/l/g)",
-                    check=tuple(vit.ARCHS))
+    arch: str = arg("vit_tiny", "the architecture (vit_t/s/b/l/g are aliases)", check=tuple(vit.ARCHS))
     patch_size: int = arg(14, "every released model uses 14", check=(1, None))
     depth: int = arg(0, "transformer blocks; 0 = the arch's own (12 for vit_tiny / s / b)", check=(0, None))
     num_registers: int = arg(0, "register tokens (4 = the \"_reg\" models)", check=(0, None))
-    ffn: str = arg("auto", "mlp | swiglu | auto (SwiGLU for vit_giant2 only, as released)",
-                   check=("auto", "mlp", "swiglu"))
+    ffn: str = arg("auto", "auto: SwiGLU for vit_giant2 only, as released", check=("auto", "mlp", "swiglu"))
     drop_path: float = arg(0.3, "uniform stochastic depth of the student (0.4 for vit_l / vit_g)", check=(0, 1))
     layerscale: float = arg(1e-5, "LayerScale init", check=(0, None))
     # heads (`dino` / `ibot` keys of the config)
@@ -71,7 +69,7 @@ class Config:
     ibot_n_prototypes: int = arg(65536, "K of the iBOT head (with --separate-ibot-head)", check=(1, None))
     ibot_bottleneck_dim: int = arg(256, "iBOT head bottleneck", check=(1, None))
     # objective (paper §4)
-    centering: str = arg("softmax", "softmax (EMA centre) | sinkhorn_knopp (the released vit_l / vit_g)",
+    centering: str = arg("softmax", "teacher targets (sinkhorn_knopp: released vit_l / g)",
                          check=("softmax", "sinkhorn_knopp"))
     dino_weight: float = arg(1.0, "weight of the DINO (cls token) loss", check=(0, None))
     ibot_weight: float = arg(1.0, "weight of the iBOT (masked patch) loss", check=(0, None))
@@ -87,7 +85,7 @@ class Config:
     synthetic_size: int = arg(128, "its image side in pixels", check=(1, None))
     synthetic_rotation: float = arg(360.0, "synthetic objects' angle range in degrees (0 = all upright)",
                                     check=(0, 360))
-    synthetic_background: str = arg("texture", "texture | plain (one muted colour per image)", check=BACKGROUNDS)
+    synthetic_background: str = arg("texture", "plain: one muted colour per image", check=BACKGROUNDS)
     synthetic_object_size: tuple[float, float] = arg(OBJECT_SIZE, "objects' radius range, fractions of the side",
                                                      check=(0, 0.5))
     global_size: int = arg(224, "global crop side in pixels", check=(1, None))
@@ -99,7 +97,7 @@ class Config:
     hue_jitter: float = arg(0.1, "colour-jitter hue range (+-); 0.5 draws any hue, so colour cannot match two views",
                             check=(0, 0.5))
     p_grayscale: float = arg(0.2, "probability that a crop is turned grey", check=(0, 1))
-    blur: str = arg("paper", "paper (p 1.0 / 0.1 / 0.5) | released (the released code's 0.0 / 0.9 / 0.5)",
+    blur: str = arg("paper", "probabilities: paper 1.0 / 0.1 / 0.5, released 0.0 / 0.9 / 0.5",
                     check=("paper", "released"))
     mask_probability: float = arg(0.5, "fraction of global crops that get an iBOT mask", check=(0, 1))
     mask_ratio: tuple[float, float] = arg((0.1, 0.5), "range of masked-patch ratios, stratified over the batch",
@@ -123,10 +121,10 @@ class Config:
     init_from: str = arg("", "backbone weights (released hub .pth or ours); heads start fresh")
     heads_warmup_epochs: float = arg(1, "with --init-from: backbone lr 0 while the fresh heads settle", check=(0, None))
     # system
-    strategy: str = arg("auto", "auto | none | ddp | fsdp (auto: none on one process, fsdp above 200M params else ddp)",
+    strategy: str = arg("auto", "auto: none in one process, fsdp above 200M params, else ddp",
                         check=("auto", "none", "ddp", "fsdp"))
     compile: bool = arg(False, "torch.compile each transformer block")
-    dtype: str = arg("auto", "compute precision, master weights fp32: auto (bf16 on CUDA, else fp32) | bf16 | fp32",
+    dtype: str = arg("auto", "compute precision (master weights fp32); auto: bf16 on CUDA",
                      check=("auto", "bf16", "fp32"))
     activation_checkpointing: bool = arg(False, "recompute blocks in backward (for vit_l / vit_g)")
     meta_init: bool | None = arg(None, "FSDP: build on the meta device, init after sharding (default: vit_l / vit_g)")
@@ -609,7 +607,7 @@ def fit(run):
     try:
         for step in range(start, run.total):
             batch = to_device(next(data), run.device)
-            log.skips.update(batch.pop("skipped", ()), step)  # unreadable files: named, counted per epoch
+            log.skips.update(batch.pop("skipped"), step)  # unreadable files: named, counted per epoch
             torch.manual_seed(stream_seed(cfg.seed, DROP_PATH, step, run.rank))  # drop path: (step, rank)
             losses, t_cls, norms = train_step(run, batch, step)
             stopping = log.step(step, losses, t_cls, norms)  # on log steps only: one host sync, a stop agreed

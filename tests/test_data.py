@@ -15,6 +15,7 @@ import torch
 from PIL import Image, ImageFilter
 
 import data
+from util import runlog
 
 from data import (IMAGENET_MEAN, IMAGENET_STD, CropParams, GlobalBatchSampler, ImageFolderDataset, MaskingGenerator,
                   MultiCropAugmentation, MultiCropCollate, MultiCropDataset, SyntheticDataset, load_image)
@@ -44,9 +45,10 @@ def dummy_crops(n_local=0):
 
 
 def rank_slice(B, step=0, rank=0, world=1, label=0):
-    """What the collate receives: rank's B items of global batch `step`, as (stream position, (crops, label))."""
+    """What the collate receives: rank's B items of global batch `step`, as (stream position, crops, label,
+    skipped files)."""
     first = step * B * world + rank * B
-    return [(first + i, (dummy_crops(), label)) for i in range(B)]
+    return [(first + i, dummy_crops(), label, []) for i in range(B)]
 
 
 class ScriptedRng:
@@ -144,7 +146,7 @@ def test_collate_view_major_order_and_shapes():
     for b in range(B):  # pixel values encode (image b, crop j)
         crops = {"global_crops": [torch.full((3, 8, 8), 10.0 * b + j) for j in range(2)],
                  "local_crops": [torch.full((3, 4, 4), 100.0 + 10 * b + j) for j in range(n_local)]}
-        batch.append((b, (crops, 7 + b)))
+        batch.append((b, crops, 7 + b, []))
     out = MultiCropCollate(MaskingGenerator((2, 2)))(batch)
     assert out["global_crops"].shape == (2 * B, 3, 8, 8) and out["global_crops"].dtype == torch.float32
     assert out["local_crops"].shape == (n_local * B, 3, 4, 4) and out["local_crops"].dtype == torch.float32
@@ -205,7 +207,7 @@ def test_augmentation_default_shapes_and_batch():
     assert len(out["global_crops"]) == 2 and len(out["local_crops"]) == 8
     assert all(t.shape == (3, 224, 224) and t.dtype == torch.float32 for t in out["global_crops"])
     assert all(t.shape == (3, 98, 98) and t.dtype == torch.float32 for t in out["local_crops"])
-    batch = MultiCropCollate(MaskingGenerator((16, 16)))([(0, (out, 0)), (1, (aug(photo(seed=1)), 1))])
+    batch = MultiCropCollate(MaskingGenerator((16, 16)))([(0, out, 0, []), (1, aug(photo(seed=1)), 1, [])])
     assert batch["global_crops"].shape == (4, 3, 224, 224) and batch["local_crops"].shape == (16, 3, 98, 98)
     assert batch["masks"].shape == (4, 256)
 
@@ -374,6 +376,7 @@ def test_dataloader_with_workers_is_reproducible():
     for x, y in zip(a, b):
         assert torch.equal(x["global_crops"], y["global_crops"]) and torch.equal(x["masks"], y["masks"])
         assert x["local_crops"].shape == (8, 3, 16, 16)
+        assert x["skipped"] == []  # a drawn image is never unreadable: the stream's items have one shape
     assert not torch.equal(a[0]["global_crops"], a[1]["global_crops"])
 
 
@@ -498,6 +501,15 @@ def test_unreadable_files_are_skipped_each_named_once(tmp_path):
     assert len(ours) == 3 and all(any(name in m for m in ours) for name in ("d_truncated", "e_zero", "f_text"))
     assert ds.n_skipped == 3
     assert "3 unreadable" in ds.summary()
+    # load(), the training stream's read: the same sample plus the paths skipped to reach it, and no warning
+    fresh = ImageFolderDataset(tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        img, label, skipped = fresh.load(3)
+        assert [p.split("/")[-1] for p in skipped] == ["d_truncated.jpg", "e_zero.jpg", "f_text.jpg"]
+        assert img.getpixel((0, 0)) == colors["a.png"] and label == 0
+        assert fresh.load(0)[2] == [] and fresh.load(5)[2] == skipped[2:]  # a known bad file is skipped again
+    assert not [w for w in caught if "unreadable" in str(w.message)] and fresh.n_skipped == 3
 
 
 def test_training_stream_names_skipped_files_and_counts_them_per_epoch(tmp_path):
@@ -512,7 +524,7 @@ def test_training_stream_names_skipped_files_and_counts_them_per_epoch(tmp_path)
     loader = torch.utils.data.DataLoader(data.MultiCropDataset(images, augment, 0), collate_fn=collate,
                                          batch_sampler=data.GlobalBatchSampler(6, 6, 0, 1, 0, 0), num_workers=2)
     lines = []
-    report = data.SkipReport(epoch_length=1, name_limit=2, write=lines.append)
+    report = runlog.SkipReport(epoch_length=1, name_limit=2, write=lines.append)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for step, batch in zip(range(2), loader):  # each batch is the 6 files once: 3 readable, 3 skipped

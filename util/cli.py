@@ -102,7 +102,9 @@ def _add_flag(parser, f, tp, default, positional=False):
     field (a list) takes the bare arguments instead of a flag."""
     kind, _ = _unwrap_optional(tp)
     shown = f" [default {default!r}]" if default is not dataclasses.MISSING else ""
-    help_ = (f.metadata.get("help", "") + shown).replace("%", "%%")
+    check = f.metadata.get("check")
+    choices = f" {{{', '.join(check)}}}" if isinstance(check, tuple) and all(isinstance(c, str) for c in check) else ""
+    help_ = (f.metadata.get("help", "") + choices + shown).replace("%", "%%")
     name = "--" + f.name.replace("_", "-")
     kw = dict(default=argparse.SUPPRESS, help=help_)
     if positional:

@@ -24,7 +24,6 @@ from tqdm import tqdm
 
 from util import cli
 from util.checkpoint import atomic_write_text
-from data import SkipReport
 from util.distributed import is_dist, print0
 from util.plan import flops_per_image, peak_flops
 
@@ -145,6 +144,33 @@ def build_monitor(cfg, n_images):
         n_classes = bank.n_classes
     grey = cfg.p_grayscale >= 1  # a run that only sees grey crops is read on grey images, its raw-pixel floor too
     return KnnMonitor(bank, queries, n_classes, cfg.global_size, cfg.patch_size, grey=grey)
+
+
+class SkipReport:
+    """The unreadable files the training stream skipped (batch["skipped"]), reported by the main process, not by the
+    DataLoader workers that meet them: the first `name_limit` files named as they are met, then at the end of each
+    epoch the count of skips in it; `row()` is the metrics.jsonl key."""
+
+    def __init__(self, epoch_length, name_limit=5, prefix="", write=print):
+        self.epoch_length, self.name_limit, self.prefix, self.write = epoch_length, name_limit, prefix, write
+        self.files, self.in_epoch = set(), 0  # distinct unreadable files so far; skips in this epoch
+
+    def update(self, paths, step):
+        """`paths`: the files skipped to build the batch of iteration `step`."""
+        for path in paths:
+            self.in_epoch += 1
+            if path not in self.files:
+                self.files.add(path)
+                if len(self.files) <= self.name_limit:
+                    more = "; the next ones are only counted" if len(self.files) == self.name_limit else ""
+                    self.write(f"{self.prefix}skipping unreadable file {path}{more}")
+        if (step + 1) % self.epoch_length == 0 and self.in_epoch:
+            self.write(f"{self.prefix}epoch {(step + 1) // self.epoch_length}: {self.in_epoch} sample(s) skipped for "
+                       f"unreadable files ({len(self.files)} distinct unreadable files so far)")
+            self.in_epoch = 0
+
+    def row(self) -> dict:
+        return {"skipped_files": len(self.files)}
 
 
 class StopRequest:
