@@ -41,7 +41,7 @@ import vit
 from util.cli import arg, flag
 from data import (DROP_PATH, GlobalBatchSampler, ImageFolderDataset, MaskingGenerator, MultiCropAugmentation,
                   MultiCropCollate, MultiCropDataset, SyntheticDataset, stream_seed)
-from util.distributed import barrier, local_tensor, print0
+from util.distributed import local_tensor, print0
 from data import BACKGROUNDS, OBJECT_SIZE, variant
 from util.checkpoint import Checkpointer
 from util.runlog import TERMS, Logger, build_monitor, plot_run
@@ -161,14 +161,6 @@ class Config:
             raise ValueError(f"--epochs x --epoch-length {self.epoch_length} must give at least one iteration")
 
 
-def check_paths(cfg):
-    """The paths the flags name exist (a UserError naming the flag); run once the flags and presets are final."""
-    for name in ("data", "init_from", "monitor_data", "teacher"):
-        path = getattr(cfg, name, "")
-        if path and not os.path.exists(path):
-            raise cli.MissingFile(f"{flag(name)} {path}: no such file or folder")
-
-
 # Each preset is what the paper trained at that size; flags override single fields.
 LARGE_RECIPE = dict(  # vitl14.yaml / vitg14.yaml: the recipe of the released models
     drop_path=0.4, n_prototypes=131072, head_bottleneck_dim=384, separate_ibot_head=True,
@@ -204,7 +196,7 @@ def canonical_arch(name):
 def parse_config(cls=Config, presets=PRESETS, argv=None, description=__doc__):
     """--field value for every field of `cls` (cli.parse); the --arch preset fills what the flags leave unset."""
     cfg = cli.parse(cls, argv, description, presets, "arch", canonical_arch)
-    check_paths(cfg)
+    cli.check_paths(cfg, ("data", "init_from", "monitor_data", "teacher"))
     return cfg
 
 
@@ -593,11 +585,8 @@ def fit(run):
     """Resume, then iterate: the step, its log line, a checkpoint every --save-every steps; the exports at the end."""
     cfg = run.cfg
     out = Path(cfg.out)
-    if run.rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-    barrier()
     ckpt = Checkpointer(out, cfg.keep_last, run.rank)
-    ckpt.claim(cfg.resume)  # --no-resume never writes into another run's folder
+    ckpt.claim(cfg.resume)  # makes --out; --no-resume never writes into another run's folder
     start = ckpt.resume(run.student, run.ema, run.optimizer, run.centers, cfg) if cfg.resume else 0
     loader, n_images = build_data(cfg, run.rank, run.world, start, run.device)
     log = Logger(run, start, n_images, ckpt, build_monitor(cfg, n_images))  # the monitor runs on every rank

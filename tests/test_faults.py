@@ -126,6 +126,14 @@ def test_no_loadable_checkpoint_is_an_error_not_a_fresh_start(finished, tmp_path
     assert code == 1 and "no checkpoint in" in err and "ckpt_00000004" in err
 
 
+def test_out_naming_a_file_is_one_error_line_and_the_file_is_kept(tmp_path, capsys):
+    out = tmp_path / "notes.txt"
+    out.write_text("the user's own file")
+    code, err = one_error_line(capsys, train.train, config(out))
+    assert code == 1 and "--out" in err and "is a file, not a folder" in err
+    assert out.read_text() == "the user's own file"  # nothing of the user's is overwritten
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # 6. flags out of range are usage errors that name the flag, at parse time
 

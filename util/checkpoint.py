@@ -45,9 +45,16 @@ class Checkpointer:
         return done[-1] if done else None
 
     def claim(self, resume):
-        """A fresh run (--no-resume) refuses a folder that already holds a run: its checkpoints, metrics and exports
-        would be mixed with the new run's."""
-        if resume or not self.out.is_dir():
+        """Make the run folder. A file of that name is an error (nothing of the user's is overwritten), and a fresh
+        run (--no-resume) refuses a folder that already holds a run: its checkpoints, metrics and exports would be
+        mixed with the new run's."""
+        if self.out.exists() and not self.out.is_dir():
+            raise cli.UserError(f"--out {self.out} is a file, not a folder: pick another --out (the run writes "
+                                f"checkpoints, metrics.jsonl and its exports into that folder)")
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+        barrier()
+        if resume:
             return
         found = [p.name for p in self._folders()] + [p.name for p in sorted(self.out.glob("*.pth"))] + [
             p.name for p in (self.out / "metrics.jsonl",) if p.is_file()]

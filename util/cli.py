@@ -47,6 +47,15 @@ def flag(name):
     return "--" + name.replace("_", "-")
 
 
+def check_paths(cfg, names):
+    """The paths these fields name exist (an empty field is unset): a MissingFile naming the flag, raised once the
+    flags and presets are final."""
+    for name in names:
+        path = getattr(cfg, name, "")
+        if path and not os.path.exists(path):
+            raise MissingFile(f"{flag(name)} {path}: no such file or folder")
+
+
 def check_fields(cfg):
     """Every field's declared check (see arg); a ValueError that names the flag, which parse() makes a usage error.
     Config classes call it first in __post_init__, so presets, tests and dataclasses.replace are checked too."""
