@@ -186,16 +186,9 @@ PRESETS = {
 }
 
 
-def canonical_arch(name):
-    """vit_s -> vit_small etc.; an unknown name is a ValueError that lists the known ones."""
-    if name not in vit.ARCHS:
-        raise ValueError(f"unknown arch {name!r}; known: {', '.join(sorted(vit.ARCHS))}")
-    return vit.ARCHS[name].__name__
-
-
 def parse_config(cls=Config, presets=PRESETS, argv=None, description=__doc__):
     """--field value for every field of `cls` (cli.parse); the --arch preset fills what the flags leave unset."""
-    cfg = cli.parse(cls, argv, description, presets, "arch", canonical_arch)
+    cfg = cli.parse(cls, argv, description, presets, "arch", vit.canonical_arch)
     cli.check_paths(cfg, ("data", "init_from", "monitor_data", "teacher"))
     return cfg
 
@@ -305,7 +298,7 @@ def build_ssl_model(cfg, drop_path):
     # NOTE(deviation): vit_large trains with the MLP FFN, as the released ViT-L backbone (distilled from ViT-g) has it,
     # so --init-from and the hub / Hugging Face / timm layouts fit it; the released vitl14.yaml, which trains ViT-L
     # from scratch, uses swiglufused (hidden 2736, 0.1% more parameters): --ffn swiglu gives that.
-    ffn = ("swiglu" if canonical_arch(cfg.arch) == "vit_giant2" else "mlp") if cfg.ffn == "auto" else cfg.ffn
+    ffn = ("swiglu" if vit.canonical_arch(cfg.arch) == "vit_giant2" else "mlp") if cfg.ffn == "auto" else cfg.ffn
     # NOTE(deviation): register models interpolate pos-embeds by size (with antialias), as the released *_reg models.
     interp = dict(interpolate_antialias=True, interpolate_offset=0.0) if cfg.num_registers else {}
     backbone = vit.build_model(cfg.arch, img_size=cfg.global_size, patch_size=cfg.patch_size, ffn_layer=ffn,
@@ -397,7 +390,7 @@ def build_models(cfg, strategy, device):
     """Student and teacher, initialised identically. Big FSDP models are built on the meta device and initialised
     after sharding, so a rank never holds a whole vit_g; small ones are built whole (same numbers on every rank)."""
     torch.manual_seed(cfg.seed)
-    big = canonical_arch(cfg.arch) in ("vit_large", "vit_giant2")
+    big = vit.canonical_arch(cfg.arch) in ("vit_large", "vit_giant2")
     meta = strategy == "fsdp" and not cfg.init_from and (big if cfg.meta_init is None else cfg.meta_init)
     with torch.device("meta") if meta else contextlib.nullcontext():
         student = build_ssl_model(cfg, cfg.drop_path)  # initialised by its constructors unless on meta

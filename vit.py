@@ -15,7 +15,8 @@ the released layout into it, strictly.
 Public names, in reading order:
     PatchEmbed, Attention, Mlp, SwiGLUFFN, LayerScale, drop_path, drop_add_residual_stochastic_depth, Block,
     resample_pos_embed, VisionTransformer,
-    vit_tiny, vit_small, vit_base, vit_large, vit_giant2, ARCHS, build_model, ARCH_BY_WIDTH, load_pretrained
+    vit_tiny, vit_small, vit_base, vit_large, vit_giant2, ARCHS, canonical_arch, build_model, ARCH_BY_WIDTH,
+    load_pretrained
 
 Shapes: B batch, N tokens, D width, H heads, Dh head dim, R registers.
 """
@@ -388,6 +389,13 @@ ARCHS = {
     "vit_large": vit_large, "vit_l": vit_large,
     "vit_giant2": vit_giant2, "vit_g": vit_giant2,
 }
+
+
+def canonical_arch(name):
+    """vit_s -> vit_small etc.; an unknown name is a ValueError that lists the known ones."""
+    if name not in ARCHS:
+        raise ValueError(f"unknown arch {name!r}; known: {', '.join(sorted(ARCHS))}")
+    return ARCHS[name].__name__
 
 
 def build_model(arch, **kwargs):
