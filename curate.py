@@ -1,28 +1,25 @@
 """Data curation for DINOv2: the LVD-142M pipeline (paper section 3), on the project's exact kNN engine (knn.py).
 
-DINOv2 picked 142M images out of 1.2B uncurated web images with no labels or metadata: embed every image with a
-frozen self-supervised backbone, remove near-duplicates (copy detection), remove images that are near-duplicates of
-the evaluation sets, then retrieve, for each image of curated seed sets, its N = 4 nearest pool images (or, for small
-seed sets, M images sampled from the seed's pool cluster). The balancing step is the follow-up paper's
-(Vo et al. 2024, "Automatic data curation for self-supervised learning: a clustering-based approach"): hierarchical
-k-means with resampling, then sampling evenly across clusters so that a few dominant concepts cannot swamp the set.
+DINOv2 picked 142M of 1.2B unlabelled web images: embed every image with a frozen self-supervised backbone, remove
+near-duplicates (copy detection) and near-duplicates of the evaluation sets, then retrieve for each image of curated
+seed sets its N = 4 nearest pool images (small seed sets: M images of the seed's pool cluster). The balancing step
+is Vo et al. 2024's ("Automatic data curation for self-supervised learning: a clustering-based approach"):
+hierarchical k-means with resampling, then an even draw across clusters, so a few dominant concepts cannot swamp it.
 NOTE(deviation): the paper searched with Faiss (GPU IVF+PQ, approximate); here every search is exact (knn.py).
 
-Under torchrun each rank embeds its share of the on-disk chunks and then holds only its contiguous share of the
-pool's embeddings (memory-mapped chunk files, read by row range): dedup streams every row as queries against the
-sharded pool, exclusion and retrieval search the local rows, k-means is sharded (knn.py). What every rank holds
-whole is O(N) scalars (masks, group labels, cluster assignments), the seeds and the evaluation set.
+Under torchrun each rank embeds its share of the chunks, then holds its contiguous share of the pool's rows
+(memory-mapped); every stage is sharded (knn.py): a rank holds whole only O(N) scalars, the seeds and eval set.
 
 Public names, in reading order:
     balanced_sample                             the even draw from the cluster tree (Vo et al.)
     connected_components, dedup, remove_near    near-duplicate groups (one image kept each), eval-set leaks
     retrieve, retrieve_from_clusters            the seed-based retrieval of section 3
-    load_backbone, embed, load_embeddings       frozen ViT features, written to resumable on-disk chunks
+    embed, EmbeddingChunks                      frozen ViT features (evaluate.load_backbone), resumable on-disk chunks
     CurateConfig, curate, write_outputs         the whole pipeline on embeddings; curated.txt, report.json, plot
     parse_args, main                            the command line
 
 Run:  python curate.py --pool DIR_or_list --seeds DIR_or_list [--exclude DIR] [--weights W] --out OUT
-      python curate_demo.py              (the synthetic test pool, whose truth is known, curated and scored)
+      python tests/curate_demo.py        (the synthetic test pool, whose truth is known, curated and scored)
       torchrun --nproc_per_node=N curate.py ...   (every stage shards across ranks)
 Shapes: Q queries, N database rows, D width, K clusters.
 """
@@ -37,20 +34,20 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from util import cli
-from util import distributed
+from util import cli, distributed
+from util.checkpoint import atomic_write, atomic_write_text
 from util.cli import arg
-from data import to_tensor
-from util.distributed import gather_shards, is_dist, pick_device, print0, rank_world
+from data import ImageFolderDataset, load_image, to_tensor
+from PIL import Image
+from util.distributed import gather_shards, pick_device, print0, rank_world
 from knn import ShardedKNN, hierarchical_kmeans, knn, shard_range
 
 
 def _rows(emb, lo, hi):
-    """Rows [lo, hi) of an embedding array (numpy, memmap, tensor or load_embeddings's chunks): float32 tensor."""
+    """Rows [lo, hi) of an embedding array (numpy, memmap, tensor or EmbeddingChunks): float32 tensor."""
     part = emb[lo:hi]
     return (part if torch.is_tensor(part) else torch.from_numpy(np.ascontiguousarray(part))).float()
 
@@ -87,10 +84,9 @@ NONE = np.zeros(0, np.int64)  # appended to lists of index arrays, so that conca
 def balanced_sample(assignments, n_target, seed=0):
     """Draw n_target items evenly from a clustering tree; returns sorted item indices (LongTensor).
 
-    assignments[0] maps items to level-1 clusters, assignments[l] maps level-l clusters to level-(l+1) clusters
-    (hierarchical_kmeans's "assignments" in order). The draw is split evenly across the top-level clusters, then
-    recursively across the children of each; a cluster smaller than its share gives all its items and the remainder
-    is redistributed among the others (_water_fill). Within a level-1 cluster the items are drawn at random.
+    assignments[0] maps items to level-1 clusters, assignments[l] level-l clusters to level-(l+1) ones (the order of
+    hierarchical_kmeans's). The draw is split evenly across the top-level clusters, then recursively across each one's
+    children; a cluster smaller than its share gives all it has, the rest goes to the others (_water_fill).
     """
     rng = np.random.default_rng(seed)
     a = [np.asarray(torch.as_tensor(t).cpu()) for t in assignments]
@@ -162,9 +158,8 @@ def dedup(emb, threshold, k=16, block=16384, **knn_kwargs):
 
 
 def remove_near(pool_emb, exclude_emb, threshold, **knn_kwargs):
-    """Pool images whose nearest image of an evaluation set has cosine >= threshold are dropped, so the evaluation
-    images cannot leak into training. Returns the kept pool indices (sorted LongTensor). Under torchrun each rank
-    checks its share of the pool rows against the whole (small) evaluation set."""
+    """The pool indices (sorted LongTensor) left when images at cosine >= threshold to an evaluation image are dropped
+    (no leak into training); each rank checks its share of the pool against the whole (small) evaluation set."""
     if exclude_emb is None or len(exclude_emb) == 0:
         return torch.arange(len(pool_emb))
     x, _ = _my_rows(pool_emb)
@@ -197,24 +192,10 @@ def retrieve_from_clusters(seed_emb, centroids, assignments, m, seed=0, **knn_kw
 # 3. Embedding: a frozen backbone over many images, written to resumable on-disk chunks
 # ---------------------------------------------------------------------------------------------------------------
 
-def load_backbone(weights="", arch="vit_small"):
-    """The frozen feature extractor (evaluate.load_backbone, on the CPU until embed moves it): the weights, or a random
-    `arch` with a warning if none."""
-    from evaluate import load_backbone as load  # imported here: the kNN / clustering half needs no ViT
-    if not weights:
-        warnings.warn(f"no --weights: embedding with a RANDOMLY initialised {arch}. The pipeline runs, but its "
-                      "neighbours, duplicates and clusters mean little; pass a trained backbone.", stacklevel=2)
-    # No LayerScale in the random network: at its 1e-5 init every block is close to the identity and the cls token
-    # comes out the same for every image, so not even duplicates could be told apart.
-    return load(weights or None, arch, torch.device("cpu"), random_init=not weights, img_size=224, layerscale=None)
-
-
 class _Images(torch.utils.data.Dataset):
     """Image paths (or a dataset of (PIL image, label)) -> (normalised (3, size, size) tensor, readable flag).
-
-    Indices must stay aligned with the items, so an unreadable file gives a black image and flag 0 (its embedding
-    is then all zeros and the pipeline drops it) rather than being skipped as a training set would.
-    """
+    Indices stay aligned with the items: an unreadable file is a black image with flag 0 (a zero embedding, which
+    the pipeline drops), not skipped as a training set would."""
 
     def __init__(self, items, size):
         self.items, self.size = items, size
@@ -223,16 +204,13 @@ class _Images(torch.utils.data.Dataset):
         return len(self.items)
 
     def __getitem__(self, i):
-        from data import load_image
-        from PIL import Image
         item, ok = self.items[i], 1.0
         try:
             img = load_image(item) if isinstance(item, (str, os.PathLike)) else item[0].convert("RGB")
         except Exception as err:  # any decoder error: keep the slot, flag it
             warnings.warn(f"unreadable image {item}: {type(err).__name__}: {err}")
             img, ok = Image.new("RGB", (self.size, self.size)), 0.0
-        # NOTE(deviation): a plain square resize (the whole image, aspect not kept) instead of the usual resize +
-        # centre crop, so that a duplicate's borders are compared too.
+        # NOTE(deviation): a square resize of the whole image (aspect not kept), not a centre crop: borders count
         img = img.resize((self.size, self.size), Image.Resampling.BICUBIC)
         return to_tensor(img), ok  # (3, size, size), normalised as every other input of the project
 
@@ -254,32 +232,25 @@ def _chunk_paths(out_dir, c):
 
 def embed(items, model, out_dir, batch_size=64, size=224, device=None, chunk_size=4096, num_workers=0,
           model_tag="", progress=True):
-    """L2-normalised features of `items` (paths, or a dataset of (PIL image, label)) -> EmbeddingChunks (N, D).
-
-    The items are cut into fixed chunks of chunk_size; chunk c is written to OUT/chunk_c.npy (a numpy memmap,
-    renamed into place when complete) plus a chunk_c.done marker. A rerun skips every finished chunk, so an
-    interrupted run resumes where it stopped. Under torchrun, rank r embeds the chunks c = r, r + world, ...
-    (whole chunks, so every file has one writer), then all ranks wait for each other; the result reads the chunk
-    files lazily (memory-mapped), so no process holds all N rows unless it asks for them.
-    The features are the model's output (the cls token for a ViT), bf16 autocast on CUDA.
+    """L2-normalised model outputs (a ViT's cls token; bf16 autocast on CUDA) of `items` (paths, or a dataset of
+    (PIL image, label)) -> EmbeddingChunks (N, D), read lazily. Chunk c of chunk_size items is written whole to
+    OUT/chunk_c.npy, then a chunk_c.done marker: a rerun skips finished chunks, so an interrupted run resumes. Under
+    torchrun rank r embeds the chunks c = r, r + world, ... (one writer a file), then all ranks wait for each other.
     """
     rank, world = rank_world()
     device = torch.device(device) if device is not None else pick_device()
     n = len(items)
-    os.makedirs(out_dir, exist_ok=True)
     meta = {"n": n, "chunk_size": chunk_size, "fingerprint": _fingerprint(items, model_tag, size)}
     meta_path = os.path.join(out_dir, "meta.json")
     if os.path.exists(meta_path):
         with open(meta_path) as f:
             old = json.load(f)
         if old != meta:
-            raise ValueError(f"{out_dir} holds embeddings of other images, model or settings ({old} vs {meta}); "
-                             "delete it or pick another output folder")
-    else:  # every rank writes the same content; the rename makes each write atomic
-        tmp = f"{meta_path}.{rank}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(meta, f)
-        os.replace(tmp, meta_path)
+            raise cli.UserError(f"{out_dir} holds embeddings of other images, model or settings ({old} vs {meta}); "
+                                "delete it or pick another output folder (--out)")
+    elif rank == 0:
+        atomic_write_text(meta_path, json.dumps(meta))
+    distributed.barrier()  # meta.json is in place before any rank writes a chunk it describes
     n_chunks = math.ceil(n / chunk_size)
     todo = [c for c in range(rank, n_chunks, world) if not os.path.exists(_chunk_paths(out_dir, c)[1])]
     model = model.to(device).eval()
@@ -291,24 +262,24 @@ def embed(items, model, out_dir, batch_size=64, size=224, device=None, chunk_siz
         loader = torch.utils.data.DataLoader(torch.utils.data.Subset(images, range(lo, hi)), batch_size=batch_size,
                                              num_workers=num_workers)
         path, done = _chunk_paths(out_dir, c)
-        partial, out, pos = path + ".partial", None, 0
-        for x, ok in loader:
-            with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                f = model(x.to(device))  # (B, D)
-            f = F.normalize(f.float(), dim=1) * ok.to(device)[:, None]  # unreadable images -> zero vectors
-            if out is None:
-                out = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float32, shape=(hi - lo, f.shape[1]))
-            out[pos:pos + len(f)] = f.cpu().numpy()
-            pos += len(f)
-            bar.update(len(f))
-        out.flush()
-        del out
-        os.replace(partial, path)  # a chunk file exists only once complete
+
+        def write(tmp):  # the chunk as a numpy memmap; atomic_write renames it into place only once complete
+            out, pos = None, 0
+            for x, ok in loader:
+                with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                    f = model(x.to(device))  # (B, D)
+                f = F.normalize(f.float(), dim=1) * ok.to(device)[:, None]  # unreadable images -> zero vectors
+                if out is None:
+                    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(hi - lo, f.shape[1]))
+                out[pos:pos + len(f)] = f.cpu().numpy()
+                pos += len(f)
+                bar.update(len(f))
+            out.flush()
+        atomic_write(path, write)
         open(done, "w").close()
     bar.close()
-    if is_dist():
-        dist.barrier()
-    return load_embeddings(out_dir)
+    distributed.barrier()
+    return EmbeddingChunks(out_dir)
 
 
 class EmbeddingChunks:
@@ -341,11 +312,6 @@ class EmbeddingChunks:
         return self[:].astype(dtype or np.float32, copy=False)
 
 
-def load_embeddings(out_dir) -> EmbeddingChunks:
-    """The finished chunks of an embed() folder, in order, as one lazily read (N, D) float32 array."""
-    return EmbeddingChunks(out_dir)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # 4. The pipeline: dedup -> exclude -> cluster -> retrieve -> balance
 # ---------------------------------------------------------------------------------------------------------------
@@ -358,45 +324,31 @@ class CurateConfig:
     out: str = arg("runs/curate", "curated.txt, report.json, clusters.png, embeddings/")
     weights: str = arg("", "backbone checkpoint (util.weights.from_pretrained); empty: a random --arch, with a warning")
     arch: str = arg("vit_small", "used only without --weights")
-    size: int = arg(224, "images resized to size x size (rounded to a multiple of the patch)")
-    batch_size: int = arg(64, "images per embedding batch")
-    workers: int = arg(4, "DataLoader workers for decoding")
-    chunk_size: int = arg(4096, "images per on-disk embedding chunk: the unit of resume")
-    dedup_threshold: float = arg(0.95, "cosine at or above which two pool images are near-duplicates")
-    dedup_k: int = arg(16, "neighbours examined per image for duplicates")
-    exclude_threshold: float = arg(0.95, "cosine to an evaluation image at or above which a pool image is dropped")
-    retrieve_k: int = arg(4, "nearest pool images per seed (paper: N = 4)")
-    cluster_sample: int = arg(0, "> 0: also this many images from each seed's pool cluster (paper: M = 10,000)")
+    size: int = arg(224, "images resized to size x size (rounded to a multiple of the patch)", check=(1, None))
+    batch_size: int = arg(64, "images per embedding batch", check=(1, None))
+    workers: int = arg(4, "DataLoader workers for decoding", check=(0, None))
+    chunk_size: int = arg(4096, "images per on-disk embedding chunk: the unit of resume", check=(1, None))
+    dedup_threshold: float = arg(0.95, "cosine at or above which two pool images are duplicates", check=(-1.0, 1.0))
+    dedup_k: int = arg(16, "neighbours examined per image for duplicates", check=(1, None))
+    exclude_threshold: float = arg(0.95, "cosine to an evaluation image that drops a pool image", check=(-1.0, 1.0))
+    retrieve_k: int = arg(4, "nearest pool images per seed (paper: N = 4)", check=(1, None))
+    cluster_sample: int = arg(0, "also this many of each seed's pool cluster (paper: M = 10,000)", check=(0, None))
     clusters: str = arg("auto", "clusters per level, e.g. \"1000,100\"; auto: N/10, then its square root")
-    kmeans_iters: int = arg(20, "Lloyd iterations per k-means")
-    resample_steps: int = arg(10, "Vo et al.'s resampling steps per level")
-    target: float = arg(0.5, "size of the balanced draw: a fraction of the candidates if <= 1, else a count")
+    kmeans_iters: int = arg(20, "Lloyd iterations per k-means", check=(1, None))
+    resample_steps: int = arg(10, "Vo et al.'s resampling steps per level", check=(0, None))
+    target: float = arg(0.5, "the balanced draw: a fraction of the candidates if <= 1, else a count", check=">0")
     seed: int = arg(0, "seed of the k-means initialisation and the balanced draw")
     device: str = arg("", "empty: cuda, else mps, else cpu")
 
     def __post_init__(self):
-        for name in ("batch_size", "chunk_size", "dedup_k", "retrieve_k", "kmeans_iters"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        for name in ("workers", "cluster_sample", "resample_steps"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
-        for name in ("dedup_threshold", "exclude_threshold"):
-            if not -1.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"--{name.replace('_', '-')} is a cosine similarity, in [-1, 1]; got "
-                                 f"{getattr(self, name)}")
-        if self.target <= 0:
-            raise ValueError(f"--target must be > 0 (a fraction <= 1 of the candidates, or a count); got {self.target}")
-        if self.size < 1:
-            raise ValueError(f"--size must be a positive number of pixels, got {self.size}")
+        cli.check_fields(self)  # the declared ranges; below, the format of --clusters
         if self.clusters != "auto":
             try:
                 ks = [int(k) for k in self.clusters.split(",")]
             except ValueError:
                 ks = []
             if not ks or min(ks) < 1:
-                raise ValueError(f"--clusters must be 'auto' or positive integers separated by commas, e.g. "
-                                 f"1000,100; got {self.clusters!r}")
+                raise ValueError(f"--clusters must be auto or positive integers like 1000,100, got {self.clusters!r}")
 
 
 def _cluster_sizes(n, cfg) -> list:
@@ -417,11 +369,10 @@ def _cluster_sizes(n, cfg) -> list:
 def curate(pool_emb, seed_emb=None, exclude_emb=None, cfg=None, pool_copy_emb=None, progress=True):
     """Run the curation stages on precomputed, L2-normalised embeddings (rows of zeros = unreadable images).
 
-    Duplicates and evaluation-set leaks are found in the copy-detection space (pool_copy_emb and exclude_emb; the
-    paper used a copy-detection model there), which defaults to pool_emb. The pool arrays may be memory-mapped
-    (load_embeddings): under torchrun each rank reads only its share of the rows, and every rank returns the same
-    result as one process. Returns a dict: `selected` (pool indices of the curated set), the indices kept after each
-    stage, the clustering levels, and a `report` of counts.
+    Duplicates and evaluation-set leaks are found in the copy-detection space (pool_copy_emb, default pool_emb, and
+    exclude_emb). The pool may be EmbeddingChunks: under torchrun each rank reads only its share of the rows, and
+    every rank returns one process's result: `selected` (pool indices), the indices kept after each stage, the
+    clustering levels, and a `report` of counts.
     """
     cfg = cfg or CurateConfig()
     t0 = time.time()
@@ -434,9 +385,8 @@ def curate(pool_emb, seed_emb=None, exclude_emb=None, cfg=None, pool_copy_emb=No
     # NOTE(deviation): the paper deduplicated with a dedicated copy-detection model; without one (the command
     # line), duplicates are found by a cosine threshold on the backbone's own features.
     print0("1/5 dedup: near-duplicate groups inside the pool, one image kept each")
-    keep, labels = dedup(copy_emb, cfg.dedup_threshold, cfg.dedup_k, progress=progress)  # zero rows join nothing
-    root = torch.zeros(N, dtype=torch.bool)
-    root[keep] = True
+    _, labels = dedup(copy_emb, cfg.dedup_threshold, cfg.dedup_k, progress=progress)  # zero rows join nothing
+    root = labels == torch.arange(N)  # (N,) bool: the image each duplicate group keeps
     after_dedup = (root & readable).nonzero().squeeze(1)
     dup_group = torch.where(readable, labels, -1)  # pool index of the image each one's group kept
     report["removed_duplicates"] = int(readable.sum()) - len(after_dedup)
@@ -449,8 +399,8 @@ def curate(pool_emb, seed_emb=None, exclude_emb=None, cfg=None, pool_copy_emb=No
     report["removed_near_exclude"] = len(after_dedup) - len(kept)
     report["kept_after_dedup_exclude"] = len(kept)
     if len(kept) == 0:
-        raise ValueError(f"no pool image is left after dedup and exclusion ({report}); with random or collapsed "
-                         "features every image looks alike: pass trained --weights or raise the thresholds")
+        raise cli.UserError(f"no pool image is left after dedup and exclusion ({report}); with random or collapsed "
+                            "features every image looks alike: pass trained --weights or raise the thresholds")
 
     x = x[clean[lo:lo + len(x)].to(x.device)]  # this rank's rows of the clean pool, in pool order
     ks = _cluster_sizes(len(kept), cfg)
@@ -512,11 +462,9 @@ def plot_cluster_sizes(before, after, path):
 
 def write_outputs(out, paths, result):
     """OUT/curated.txt (one path per line: data.ImageFolderDataset reads it), report.json, clusters.png."""
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "curated.txt"), "w") as f:
-        f.writelines(f"{os.path.abspath(paths[i])}\n" for i in result["selected"].tolist())
-    with open(os.path.join(out, "report.json"), "w") as f:
-        json.dump(result["report"], f, indent=2)
+    atomic_write_text(os.path.join(out, "curated.txt"),
+                      "".join(f"{os.path.abspath(paths[i])}\n" for i in result["selected"].tolist()))
+    atomic_write_text(os.path.join(out, "report.json"), json.dumps(result["report"], indent=2))
     plot_cluster_sizes(result["cluster_sizes_before"], result["cluster_sizes_after"], os.path.join(out, "clusters.png"))
 
 
@@ -527,8 +475,7 @@ def write_outputs(out, paths, result):
 def parse_args(argv=None) -> CurateConfig:
     cfg = cli.parse(CurateConfig, argv, __doc__)  # every field a flag; range checks in __post_init__
     if not cfg.pool:
-        cli.build_parser(CurateConfig, __doc__).error("--pool is required (python curate_demo.py runs on a "
-                                                      "synthetic pool)")
+        cli.build_parser(CurateConfig, __doc__).error("--pool is required (tests/curate_demo.py: a synthetic pool)")
     for name in ("pool", "seeds", "exclude", "weights"):
         path = getattr(cfg, name)
         if path and not os.path.exists(path):
@@ -537,31 +484,31 @@ def parse_args(argv=None) -> CurateConfig:
 
 
 def _image_paths(root) -> list:
-    from data import ImageFolderDataset
     return [path for path, _ in ImageFolderDataset(root).samples]
 
 
 def main(argv=None):
     cfg = parse_args(argv)
-    distributed.init(cfg.device or "auto")  # under torchrun: the process group, each rank its own GPU
+    rank, _, device = distributed.init(cfg.device or "auto")  # under torchrun: the process group, a GPU per rank
     print0("config:", json.dumps(dataclasses.asdict(cfg)))
     try:
-        model = load_backbone(cfg.weights, cfg.arch)
-        patch = model.patch_size
-        size = max(patch, round(cfg.size / patch) * patch)
+        from evaluate import load_backbone, round_to_patch  # imported here: the kNN / clustering half needs no ViT
+        if not cfg.weights:
+            warnings.warn(f"no --weights: embedding with a RANDOMLY initialised {cfg.arch}. The pipeline runs, but its "
+                          "neighbours, duplicates and clusters mean little; pass a trained backbone.")
+        # no LayerScale in a random network: at 1e-5 every block is near the identity, every image the same cls token
+        model = load_backbone(cfg.weights or None, cfg.arch, device, random_init=not cfg.weights, img_size=224,
+                              layerscale=None)
+        size = round_to_patch(cfg.size, model.patch_size)
         if size != cfg.size:
-            print0(f"--size {cfg.size} is not a multiple of the patch size {patch}: using {size}")
-        kw = dict(batch_size=cfg.batch_size, size=size, device=cfg.device or None, chunk_size=cfg.chunk_size,
+            print0(f"--size {cfg.size} is not a multiple of the patch size {model.patch_size}: using {size}")
+        kw = dict(batch_size=cfg.batch_size, size=size, device=device, chunk_size=cfg.chunk_size,
                   num_workers=cfg.workers, model_tag=f"{cfg.weights or 'random ' + cfg.arch}")
-        emb_dir = os.path.join(cfg.out, "embeddings")
-        pool_paths = _image_paths(cfg.pool)
-        pool = embed(pool_paths, model, os.path.join(emb_dir, "pool"), **kw)
-        seeds = embed(_image_paths(cfg.seeds), model, os.path.join(emb_dir, "seeds"), **kw) if cfg.seeds else None
-        exclude = embed(_image_paths(cfg.exclude), model, os.path.join(emb_dir, "exclude"), **kw) \
-            if cfg.exclude else None
-        result = curate(pool, seeds, exclude, cfg, progress=rank_world()[0] == 0)
-        if rank_world()[0] == 0:
-            write_outputs(cfg.out, pool_paths, result)
+        paths = {name: _image_paths(getattr(cfg, name)) for name in ("pool", "seeds", "exclude") if getattr(cfg, name)}
+        emb = {name: embed(p, model, os.path.join(cfg.out, "embeddings", name), **kw) for name, p in paths.items()}
+        result = curate(emb["pool"], emb.get("seeds"), emb.get("exclude"), cfg, progress=rank == 0)
+        if rank == 0:
+            write_outputs(cfg.out, paths["pool"], result)
             print0(json.dumps(result["report"], indent=2))
             print0(f"wrote {cfg.out}/curated.txt ({len(result['selected'])} images), report.json, clusters.png")
         return result

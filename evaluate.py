@@ -1,14 +1,13 @@
 """Frozen-feature evaluation of a DINOv2 backbone: k-NN, linear probe and emergent segmentation.
 
-Paper §7 (Results: frozen-feature k-NN and linear evaluation on ImageNet-1k, and the qualitative PCA of patch
-features) with the released protocols of `dinov2/eval/knn.py` and `dinov2/eval/linear.py`. The backbone is
-never trained here: features are extracted once, cached, and every protocol works on the cache.
+Paper §7 (frozen-feature k-NN and linear evaluation on ImageNet-1k, the PCA of patch features) with the released
+protocols of `dinov2/eval/knn.py` and `dinov2/eval/linear.py`. Features are extracted once; every protocol reads them.
 
 Public names, in reading order:
-    pick_device, load_backbone, random_like       -- the frozen network to evaluate (and its random twin)
-    round_to_patch, to_tensor, EvalTransform      -- resize / centre-crop / normalise
-    to_grey, saw_only_grey                        -- grey inputs for a run that only ever saw grey crops
-    extract_features                              -- batched, sharded over ranks, gathered back in dataset order
+    load_backbone, random_like                    -- the frozen network to evaluate (and its random twin)
+    training_config, saw_only_grey                -- the run that wrote the weights: its sizes, grey crops or not
+    round_to_patch, to_tensor, to_grey, EvalTransform -- resize / centre-crop / normalise (grey for a grey run)
+    extract_features                              -- batched, a contiguous shard per rank, gathered in dataset order
     knn_scores, knn_classify, knn_accuracy        -- weighted k-NN on L2-normalised cls tokens
     raw_pixel_features, KnnMonitor                -- the raw-pixel floor; the online k-NN that train.py runs
     LINEAR_LRS, create_linear_input, linear_probe -- 52 linear classifiers trained at once on cached features
@@ -32,7 +31,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
@@ -41,9 +39,9 @@ from tqdm import tqdm
 from util import cli
 import data
 import vit
-from data import to_tensor
-from data import variant
-from util.distributed import pick_device, print0, rank_world
+from data import to_tensor, variant
+from util.distributed import barrier, close, gather_shards, init, pick_device, print0, rank_world
+from util.checkpoint import atomic_write_text
 from util.cli import MissingFile, UserError, arg
 from util.weights import from_pretrained, read_checkpoint
 from knn import ShardedKNN, shard_range
@@ -55,19 +53,13 @@ DEFAULT_WEIGHTS = Path("runs/train/teacher_backbone.pth")
 # The frozen backbone
 
 
-def _freeze(model: nn.Module, device) -> nn.Module:
-    return model.to(device).eval().requires_grad_(False)  # frozen: nothing here needs a gradient of the backbone
-
-
 def load_backbone(weights=None, arch: str = "vit_tiny", device=None, random_init: bool = False,
                   img_size: int = 112, seed: int = 0, layerscale: float | None = 1e-5) -> nn.Module:
-    """The frozen backbone to evaluate, in eval mode, without gradients.
+    """The one loader of frozen backbones (evaluate.py, visualize.py, curate.py): eval mode, no gradients.
 
-    weights: a backbone file in any layout util.weights.from_pretrained understands (hub, train.py, training checkpoint);
-    None -> runs/train/teacher_backbone.pth, the output of `python train.py`.
-    random_init: a randomly initialised `arch` instead (the baseline every number should be compared with), with
-    LayerScale at `layerscale` (None: no LayerScale), the same network on every rank and every call for one seed.
-    The one loader of frozen backbones: evaluate.py, visualize.py and curate.py use it.
+    weights: any layout util.weights.from_pretrained reads; None: DEFAULT_WEIGHTS, the output of `python train.py`.
+    random_init: a random `arch` instead (the baseline), LayerScale at `layerscale` (None: none), the same network on
+    every rank and every call for one seed.
     """
     device = device or pick_device()
     if random_init:
@@ -76,12 +68,11 @@ def load_backbone(weights=None, arch: str = "vit_tiny", device=None, random_init
         with torch.random.fork_rng(devices=[]):  # every rank builds the same network; the caller's RNG untouched
             torch.manual_seed(seed)
             model = vit.build_model(arch, img_size=round_to_patch(img_size, 14), init_values=layerscale)  # patch 14
-        return _freeze(model, device)
+        return model.to(device).eval().requires_grad_(False)  # frozen: nothing here needs a backbone gradient
     if weights is None:
         if not DEFAULT_WEIGHTS.is_file():
-            raise MissingFile(
-                f"no weights given and the default {DEFAULT_WEIGHTS} does not exist: run `python train.py` first, "
-                "pass --weights PATH (e.g. dinov2_vits14_pretrain.pth), or --random for a random network")
+            raise MissingFile(f"no weights given and the default {DEFAULT_WEIGHTS} does not exist: run `python "
+                              "train.py` first, pass --weights PATH (e.g. dinov2_vits14_pretrain.pth), or --random")
         weights = DEFAULT_WEIGHTS
     path = Path(weights)
     if not path.exists():
@@ -90,13 +81,12 @@ def load_backbone(weights=None, arch: str = "vit_tiny", device=None, random_init
         model = from_pretrained(str(path))
     except KeyError as e:  # a tensor the layout needs is missing
         raise UserError(f"could not load a ViT backbone from {path}: no tensor {e}") from e
-    return _freeze(model, device)
+    return model.to(device).eval().requires_grad_(False)
 
 
 def training_config(weights) -> dict:
-    """The config of the run that wrote `weights`, read from the teacher.pth / student.pth that train.py / distill.py
-    write beside it ({} if there is none): its LayerScale init (where the random baseline starts), crop size and
-    synthetic image size (where its features are evaluated)."""
+    """The config of the run that wrote `weights`, from the teacher.pth / student.pth train.py / distill.py write
+    beside it ({} if none): where the random baseline starts (layerscale) and the images it is read on."""
     if weights is not None:
         for name in ("teacher.pth", "student.pth"):
             run_file = Path(weights).parent / name
@@ -109,17 +99,9 @@ def training_config(weights) -> dict:
     return {}
 
 
-def training_layerscale(weights) -> float:
-    """The LayerScale init of the run that wrote `weights`; 1e-5, every DINOv2 config's, if unknown."""
-    return float(training_config(weights).get("layerscale", 1e-5))
-
-
 def random_like(model: nn.Module, seed: int = 0, layerscale: float = 1e-5) -> nn.Module:
-    """A randomly initialised copy of `model` (same arch, patch size, registers, FFN): the baseline network.
-
-    LayerScale starts at the training init `layerscale` (1e-5 in every DINOv2 config): a loaded model carries the
-    placeholder 1.0 of the hub builder, which is not where training starts.
-    """
+    """A randomly initialised copy of `model` (same arch, patch size, registers, FFN): the baseline network. Its
+    LayerScale starts at the training init `layerscale`, not at the hub builder's placeholder 1.0 a loaded model has."""
     torch.manual_seed(seed)  # every rank must build the same random network
     twin = copy.deepcopy(model)
     for m in twin.modules():
@@ -149,12 +131,9 @@ def round_to_patch(size: int, patch: int) -> int:
 
 @dataclass
 class EvalTransform:
-    """Released eval transform: Resize(size*256/224, bicubic) on the shorter side, CenterCrop(size), normalise.
-
-    crop=False: a plain resize to (size, size), for images that are already square and framed (the synthetic set).
-    `size` is rounded to a multiple of the patch; images of any size (even below one patch) are resized to it.
-    grey=True: turned grey first, for a run that saw only grey crops (--p-grayscale 1, the laptop preset).
-    A picklable dataclass so DataLoader workers can use it.
+    """Released eval transform: Resize(size*256/224, bicubic) on the shorter side, CenterCrop(size), normalise;
+    `size` rounded to the patch. crop=False: a plain resize, for square, framed images (the synthetic set).
+    grey=True: turned grey first (a run that saw only grey crops). A dataclass: picklable for DataLoader workers.
     """
     size: int = 224
     crop: bool = True
@@ -167,9 +146,8 @@ class EvalTransform:
             img = to_grey(img)
         if not self.crop:
             return to_tensor(img.resize((size, size), Image.BICUBIC))
-        short = int(size * 256 / 224)
         w, h = img.size
-        scale = short / min(w, h)
+        scale = int(size * 256 / 224) / min(w, h)  # the shorter side to size * 256 / 224
         w, h = max(size, round(w * scale)), max(size, round(h * scale))
         img = img.resize((w, h), Image.BICUBIC)
         left, top = (w - size) // 2, (h - size) // 2
@@ -178,23 +156,6 @@ class EvalTransform:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Feature extraction
-
-
-def _gather_in_order(local: torch.Tensor, n_total: int) -> torch.Tensor:
-    """Rank r holds the rows r, r+world, r+2*world, ...; return all n_total rows in dataset order on every rank."""
-    rank, world = rank_world()
-    if world == 1:
-        return local
-    per_rank = math.ceil(n_total / world)  # shards differ by at most one row: pad them to one size for all_gather
-    comm = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    padded = torch.zeros((per_rank, *local.shape[1:]), dtype=local.dtype, device=comm)
-    padded[: len(local)] = local.to(comm)
-    shards = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(shards, padded)
-    out = torch.empty((n_total, *local.shape[1:]), dtype=local.dtype)
-    for r, shard in enumerate(shards):
-        out[r::world] = shard[: len(range(r, n_total, world))].cpu()
-    return out
 
 
 def extract_features(model: nn.Module, dataset, batch_size: int = 64, device=None, n_last_blocks: int = 4,
@@ -206,13 +167,12 @@ def extract_features(model: nn.Module, dataset, batch_size: int = 64, device=Non
         blocks_cls  (N, n, D) normed cls token of each of the last n blocks  } the linear-probe inputs
         patch_mean  (N, D)    mean of the last block's normed patch tokens   }
         labels      (N,)      long
-    Under torchrun rank r extracts items r::world and the shards are all-gathered back.
+    Under torchrun rank r extracts the contiguous items [lo, hi) of knn.shard_range; gather_shards joins them.
     """
-    device = device or next(model.parameters()).device
-    device = torch.device(device)
+    device = torch.device(device or next(model.parameters()).device)
     rank, world = rank_world()
     n_last_blocks = min(n_last_blocks, model.n_blocks)
-    shard = torch.utils.data.Subset(dataset, range(rank, len(dataset), world))
+    shard = torch.utils.data.Subset(dataset, range(*shard_range(len(dataset), rank, world)))
     loader = torch.utils.data.DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     blocks_cls, patch_mean, labels = [], [], []
     with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
@@ -225,10 +185,9 @@ def extract_features(model: nn.Module, dataset, batch_size: int = 64, device=Non
             patch_mean.append(outs[-1][0].float().mean(dim=1).cpu())  # (B, D)
             labels.append(torch.as_tensor(target, dtype=torch.long))
     # Concatenated outside inference_mode, so the results are ordinary tensors (the linear probe trains on them).
-    n = len(dataset)
-    blocks_cls = _gather_in_order(torch.cat(blocks_cls), n)
-    return dict(cls=blocks_cls[:, -1].clone(), blocks_cls=blocks_cls,
-                patch_mean=_gather_in_order(torch.cat(patch_mean), n), labels=_gather_in_order(torch.cat(labels), n))
+    blocks_cls = gather_shards(torch.cat(blocks_cls))  # (N, n, D), the ranks' shards in rank = dataset order
+    return dict(cls=blocks_cls[:, -1].clone(), blocks_cls=blocks_cls, patch_mean=gather_shards(torch.cat(patch_mean)),
+                labels=gather_shards(torch.cat(labels)))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -237,14 +196,10 @@ def extract_features(model: nn.Module, dataset, batch_size: int = 64, device=Non
 
 def knn_scores(train, train_labels: torch.Tensor, queries: torch.Tensor, n_classes: int,
                ks=(10, 20, 100, 200), T: float = 0.07) -> dict:
-    """Class scores {k: (Q, C)} of the released weighted k-NN, for L2-normalised train (Ntr, D) and queries (Q, D).
-
-    The top max_k neighbours (max_k = max(ks), capped at the train size) by cosine similarity get the weights
-    softmax(sims / T), normalised over all max_k of them; the score of a class for a given k is the sum of the
-    weights of the first k neighbours with that label. (DINOv1 used exp(sims / T): same argmax, since the
-    normalisation is one constant per query.) The neighbours come from knn.py's exact search: equal similarities
-    are ordered by the lower train index. `train` may be a knn.ShardedKNN over the ranks' shards of the train
-    features (every rank then passes the same queries and gets the same scores); train_labels are all Ntr labels.
+    """Class scores {k: (Q, C)} of the released weighted k-NN, for L2-normalised train (Ntr, D) and queries (Q, D):
+    the score of a class is the summed weight of the first k neighbours with that label, the weights a softmax over
+    all max_k = max(ks) neighbours (DINOv1's exp(sims / T): same argmax). Ties go to the lower train index (knn.py).
+    `train` may be a knn.ShardedKNN over the ranks' shards (every rank passes the same queries); all Ntr labels.
     """
     index = train if isinstance(train, ShardedKNN) else ShardedKNN(train, local=True)
     max_k = min(max(ks), index.total)
@@ -264,12 +219,9 @@ def knn_classify(train_feats: torch.Tensor, train_labels: torch.Tensor, test_fea
                  ks=(10, 20, 100, 200), T: float = 0.07, chunk: int = 256, device=None, shard: bool = True) -> dict:
     """Weighted k-NN, the released protocol. Returns {k: top-5 predicted classes (Q, min(5, C)), best first}.
 
-    Features are L2-normalised here and moved to `device` (default: where they are); queries go through
-    knn_scores in chunks of `chunk`. Under torchrun (shard=True) every rank must call this with the same features:
-    as in the released code, each rank keeps a contiguous shard of the train features, searches it, and the
-    per-rank top-k lists are gathered and merged (knn.ShardedKNN), so the result equals one process's. shard=False
-    (a call made on one rank only) searches all train features locally.
-    """
+    Under torchrun (shard=True) every rank passes the same features and, as released, searches its contiguous shard
+    of the train features; the ranks' top-k lists are merged (knn.ShardedKNN): the result is one process's.
+    shard=False: a call made on one rank only, searching all train features locally."""
     device = torch.device(device) if device is not None else test_feats.device
     rank, world = rank_world() if shard else (0, 1)
     start, end = shard_range(len(train_feats), rank, world)
@@ -287,10 +239,7 @@ def knn_classify(train_feats: torch.Tensor, train_labels: torch.Tensor, test_fea
 
 def knn_accuracy(train_feats, train_labels, test_feats, test_labels, n_classes: int, ks=(10, 20, 100, 200),
                  T: float = 0.07, chunk: int = 256, device=None, shard: bool = True) -> dict:
-    """{k: {"top1": %, "top5": %}} of knn_classify (micro-averaged, as the released MulticlassAccuracy).
-
-    With fewer than 5 classes "top5" is top-C, trivially 100.
-    """
+    """{k: {"top1": %, "top5": %}} of knn_classify (micro-averaged, as released); under 5 classes top5 is top-C."""
     preds = knn_classify(train_feats, train_labels, test_feats, n_classes, ks, T, chunk, device, shard)
     test_labels = test_labels.long().cpu().view(-1, 1)  # (Q, 1)
     return {k: {"top1": 100.0 * (p[:, :1] == test_labels).any(1).float().mean().item(),
@@ -298,33 +247,24 @@ def knn_accuracy(train_feats, train_labels, test_feats, test_labels, n_classes: 
 
 
 def raw_pixel_features(dataset, side: int = 28, crop: bool = False, grey: bool = False) -> torch.Tensor:
-    """(N, 3 * side * side) float32: each image (dataset[i][0], PIL) resized to side x side (after a centre square
-    crop if `crop`, as EvalTransform; turned grey first if `grey`, so the floor sees what the network sees), minus
-    its own mean.
-
-    The floor every learned feature must clear: a k-NN on these (cosine, so the image's mean and contrast drop out)
-    already separates objects that differ in silhouette at the same place and angle.
-    """
-    def square(img):
+    """The floor every learned feature must clear: each image (dataset[i][0], PIL) resized to side x side, minus its
+    own mean -> (N, 3 * side * side) float32. A cosine k-NN on these already tells silhouettes apart."""
+    def prepare(img):  # what the network sees: grey if `grey`, the centre square if `crop` (as EvalTransform)
+        img = to_grey(img) if grey else img.convert("RGB")
         w, h = img.size
         s = min(w, h)
         return img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s)) if crop else img
 
-    def prepare(img):
-        return to_grey(img) if grey else img.convert("RGB")
-
-    rows = [np.asarray(square(prepare(dataset[i][0])).resize((side, side), Image.BICUBIC), dtype=np.float32)
+    rows = [np.asarray(prepare(dataset[i][0]).resize((side, side), Image.BICUBIC), dtype=np.float32)
             for i in range(len(dataset))]
     x = torch.from_numpy(np.stack(rows)).flatten(1)  # (N, 3 * side * side)
     return x - x.mean(dim=1, keepdim=True)
 
 
 class KnnMonitor:
-    """Online k-NN during training (as solo-learn and lightly do): weighted k-NN top-1 (k=20, T=0.07, the released
-    protocol) of a backbone's cls token on a small labelled split, a bank of labelled images and held-out queries.
-
-    The images are transformed once and kept as tensors, so a check costs one forward of the bank and the queries.
-    `raw_pixels` is the same k-NN on raw pixels (raw_pixel_features): the floor a learned feature must clear.
+    """Online k-NN during training (as solo-learn and lightly do): the released k-NN's top-1 (k=20, T=0.07) of the
+    cls token, a labelled bank against held-out queries, transformed once (a check is one forward of each).
+    `raw_pixels` is the same k-NN on raw_pixel_features: the floor a learned feature must clear.
     """
 
     def __init__(self, bank, queries, n_classes: int, size: int, patch: int, batch_size: int = 250,
@@ -342,13 +282,10 @@ class KnnMonitor:
                                        ks=(20,))[20]["top1"]
 
     @torch.no_grad()
-    def features(self, embed, device) -> list:
-        """[bank (N, D), queries (Q, D)] from `embed`, a function images (B, 3, H, W) -> cls tokens (B, D)."""
-        return [torch.cat([embed(x[i:i + self.batch_size].to(device)).float().cpu()
-                           for i in range(0, len(x), self.batch_size)]) for x in self.images]
-
     def __call__(self, embed, device) -> float:
-        bank, queries = self.features(embed, device)
+        """k-NN top-1 % of `embed`, a function images (B, 3, H, W) -> cls tokens (B, D)."""
+        bank, queries = [torch.cat([embed(x[i:i + self.batch_size].to(device)).float().cpu()  # (N, D), (Q, D)
+                                    for i in range(0, len(x), self.batch_size)]) for x in self.images]
         return knn_accuracy(bank, self.labels[0], queries, self.labels[1], self.n_classes, ks=(20,))[20]["top1"]
 
 
@@ -359,10 +296,8 @@ LINEAR_LRS = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 
 
 
 def create_linear_input(blocks_cls: torch.Tensor, patch_mean: torch.Tensor, n_blocks: int, avgpool: bool):
-    """Concat of the cls tokens of the last `n_blocks` blocks (+ the mean patch token of the last block).
-
-    blocks_cls (B, n, D), patch_mean (B, D) -> (B, (n_blocks + avgpool) * D).
-    """
+    """The cls tokens of the last `n_blocks` blocks (+ the last block's mean patch token if avgpool), concatenated:
+    blocks_cls (B, n, D), patch_mean (B, D) -> (B, (n_blocks + avgpool) * D)."""
     x = blocks_cls[:, -n_blocks:].flatten(1)  # (B, n_blocks * D), oldest block first
     return torch.cat([x, patch_mean], dim=1) if avgpool else x
 
@@ -370,18 +305,15 @@ def create_linear_input(blocks_cls: torch.Tensor, patch_mean: torch.Tensor, n_bl
 def linear_probe(train: dict, val: dict, n_classes: int, epochs: int = 10, batch_size: int = 128,
                  lrs=LINEAR_LRS, n_blocks_list=(1, 4), avgpool_list=(False, True), holdout: float = 0.1,
                  seed: int = 0, device=None, epoch_length: int = 1250) -> dict:
-    """Train every (n_blocks, avgpool, lr) linear classifier at once on cached features; pick one; report val.
-
-    An epoch is `epoch_length` iterations whatever the data size, as in the released linear eval (10 x 1250 steps of
-    128): on 1,800 cached images, 10 passes instead left the classifiers ~8 points of val top-1 short of converged.
-    train, val: dicts of extract_features. Returns {"best": {...}, "classifiers": [{...} x 52],
-    "val_top1_selected_on_val": what the released selection (best on val) would report}.
+    """Train every (n_blocks, avgpool, lr) linear classifier at once on cached features (extract_features's dicts);
+    pick one; report val. An epoch is `epoch_length` iterations whatever the data size, as released (10 x 1250):
+    10 passes over 1,800 cached images left the classifiers ~8 points of val top-1 short of converged.
+    Returns best, the 52 classifiers, and val_top1_selected_on_val (what the released selection, on val, reports).
     """
     device = torch.device(device or pick_device())
     g = torch.Generator().manual_seed(seed)
-    # NOTE(deviation): the released code picks the best of the 52 classifiers on the val set and reports that
-    # same val accuracy, which is optimistically biased (a max over 52 noisy estimates of the reported number).
-    # We pick on a held-out 10% of train, so val stays unseen until the one number we report.
+    # NOTE(deviation): the released code picks the best of the 52 classifiers on val and reports that val accuracy,
+    # a max over 52 noisy estimates (biased up); we pick on held-out train, so val is seen once, for the number.
     perm = torch.randperm(len(train["labels"]), generator=g)
     n_hold = max(1, round(holdout * len(perm)))
     hold_idx, fit_idx = perm[:n_hold], perm[n_hold:]
@@ -418,9 +350,8 @@ def linear_probe(train: dict, val: dict, n_classes: int, epochs: int = 10, batch
         return F.cross_entropy(logits.flatten(0, 1), y.repeat(len(logits)), reduction="none").view(len(logits), -1)\
             .mean(1)
 
-    # NOTE(deviation): the released probe trains on RandomResizedCrop + flip views of the images through the frozen
-    # backbone; we train on cached centre-crop features (no augmentation): one extraction pass instead of one per
-    # step, so the probe runs in seconds on a CPU; it typically costs a little accuracy on large datasets.
+    # NOTE(deviation): the released probe trains on RandomResizedCrop + flip views through the frozen backbone; we
+    # train on cached centre-crop features: one extraction, not one per step (seconds on a CPU, a little accuracy).
     n_fit, total = len(fit_idx), epochs * epoch_length
     def batches():  # endless shuffled passes over the fit split (the released infinite sampler)
         while True:
@@ -484,14 +415,10 @@ def border_mask(h: int, w: int) -> torch.Tensor:
 
 def segmentation_iou(model: nn.Module, dataset, n_images: int = 200, size: int = 112, device=None,
                      batch_size: int = 32, grey: bool = False) -> dict:
-    """Mean IoU of "first PCA component > 0" with the true foreground, on a dataset with masks.
-
-    dataset.sample(i) -> (PIL image, label, fg_mask bool (S, S)), e.g. data.SyntheticDataset. Per image: the patch
-    tokens (N, D) -> first principal component -> threshold at 0 -> patch mask (h, w) -> nearest upsampling to the
-    mask's resolution -> IoU measured at PIXEL level against the true mask. The sign of a principal component is
-    arbitrary, so "miou" takes the better of the two signs per image (an oracle sign, as asked); "miou_border" picks
-    the sign without looking at the mask (border patches are background, the usual heuristic); "ceiling" is the IoU
-    of the best possible patch-level mask (true mask at patch resolution), the limit set by the patch size.
+    """Mean pixel-level IoU of "first PCA component of the patch tokens > 0", upsampled, with the true foreground
+    of dataset.sample(i) -> (PIL image, label, mask bool (S, S)) (data.SyntheticDataset). A component's sign is
+    arbitrary: "miou" takes the better sign per image (an oracle), "miou_border" the sign that makes the border
+    patches background (the usual heuristic); "ceiling" is the IoU of the true mask at patch resolution.
     """
     device = torch.device(device or next(model.parameters()).device)
     size = round_to_patch(size, model.patch_size)
@@ -523,54 +450,40 @@ def segmentation_iou(model: nn.Module, dataset, n_images: int = 200, size: int =
 
 @dataclass
 class EvalConfig:
-    weights: str | None = arg(None, "backbone file (any layout util.weights.from_pretrained reads); none: "
-                                    "runs/train/teacher_backbone.pth")
-    arch: str = arg("vit_tiny", "architecture of --random (a weights file carries its own)")
+    weights: str | None = arg(None, "backbone file (any layout); none: runs/train/teacher_backbone.pth")
+    arch: str = arg("vit_tiny", "architecture of --random (a weights file carries its own)", check=tuple(vit.ARCHS))
     random: bool = arg(False, "evaluate a randomly initialised --arch instead of weights")
     train: str | None = arg(None, "image folder (class sub-folders) or file list; none: the synthetic set")
     val: str | None = arg(None, "same, for the evaluation split")
-    size: int | None = arg(None, "input side, rounded to the patch; none: the run's crop size (teacher.pth), else 224")
-    n_train: int = arg(2000, "synthetic train images (seed 0)")
-    n_val: int = arg(500, "synthetic val images (seed 1)")
-    n_classes: int = arg(8, "synthetic classes (the laptop preset of train.py)")
-    batch_size: int = arg(64, "extraction batch per rank")
-    num_workers: int = arg(0, "DataLoader workers for extraction (raise it for real image folders)")
-    ks: tuple[int, ...] = arg((10, 20, 100, 200), "k-NN neighbour counts")
-    temperature: float = arg(0.07, "k-NN softmax temperature")
-    linear_epochs: int = arg(10, "linear-probe epochs of --linear-epoch-length iterations (released: 10 x 1250)")
-    linear_epoch_length: int = arg(1250, "iterations per linear-probe epoch, whatever the number of images")
-    linear_batch_size: int = arg(128, "linear-probe batch (also scales the learning rates: x batch/256)")
-    holdout: float = arg(0.1, "fraction of train held out to choose the linear classifier")
-    seg_images: int = arg(200, "val images for the segmentation IoU (needs foreground masks: synthetic set only)")
+    size: int | None = arg(None, "side, rounded to the patch; none: the run's crop size, else 224", check=(1, None))
+    n_train: int = arg(2000, "synthetic train images (seed 0)", check=(1, None))
+    n_val: int = arg(500, "synthetic val images (seed 1)", check=(1, None))
+    n_classes: int = arg(8, "synthetic classes (the laptop preset of train.py)", check=(1, None))
+    batch_size: int = arg(64, "extraction batch per rank", check=(1, None))
+    num_workers: int = arg(0, "DataLoader workers for extraction (raise it for real image folders)", check=(0, None))
+    ks: tuple[int, ...] = arg((10, 20, 100, 200), "k-NN neighbour counts", check=(1, None))
+    temperature: float = arg(0.07, "k-NN softmax temperature", check=">0")
+    linear_epochs: int = arg(10, "probe epochs of --linear-epoch-length iterations (released: 10)", check=(1, None))
+    linear_epoch_length: int = arg(1250, "iterations per probe epoch, whatever the number of images", check=(1, None))
+    linear_batch_size: int = arg(128, "probe batch (the learning rates scale as batch/256)", check=(1, None))
+    holdout: float = arg(0.1, "fraction of train held out to choose the linear classifier (0 < f < 1)")
+    seg_images: int = arg(200, "val images for the segmentation IoU (needs masks: synthetic only)", check=(0, None))
     baseline: bool | None = arg(None, "also evaluate a random network of the same arch; none: on for synthetic")
-    grey: bool | None = arg(None, "turn every image grey (network and raw pixels); none: when the run that wrote "
-                                  "--weights turned every crop grey (--p-grayscale 1)")
+    grey: bool | None = arg(None, "turn every image grey; none: if the run that wrote --weights saw only grey crops")
     json: str | None = arg(None, "write every figure here")
     seed: int = arg(0, "random init, probe split and shuffling")
 
     def __post_init__(self):
         self.ks = tuple(self.ks)
+        cli.check_fields(self)  # the declared ranges and choices; below, what a range cannot say
+        if not self.ks:
+            raise ValueError("--ks needs at least one neighbour count")
+        if not 0 < self.holdout < 1:  # an open interval: 0 or 1 would leave the fit or the held-out split empty
+            raise ValueError(f"--holdout must be a fraction strictly between 0 and 1, got {self.holdout}")
         if (self.train is None) != (self.val is None):
             raise ValueError("--train and --val go together")
         if self.weights is not None and self.random:
             raise ValueError("pass either --weights or --random, not both")
-        if self.arch not in vit.ARCHS:
-            raise ValueError(f"--arch {self.arch}: unknown; known: {', '.join(vit.ARCHS)}")
-        for name in ("n_train", "n_val", "n_classes", "batch_size", "linear_epochs", "linear_epoch_length",
-                     "linear_batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        for name in ("num_workers", "seg_images"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
-        if self.size is not None and self.size < 1:
-            raise ValueError(f"--size must be >= 1, got {self.size}")
-        if not self.ks or min(self.ks) < 1:
-            raise ValueError(f"--ks must be neighbour counts >= 1, got {' '.join(map(str, self.ks))}")
-        if not self.temperature > 0:
-            raise ValueError(f"--temperature must be > 0, got {self.temperature}")
-        if not 0 < self.holdout < 1:
-            raise ValueError(f"--holdout must be a fraction between 0 and 1, got {self.holdout}")
 
 
 def parse_config(argv=None) -> EvalConfig:
@@ -585,10 +498,7 @@ def parse_config(argv=None) -> EvalConfig:
 
 def _format_table(res: dict) -> str:
     rows = []
-    for name in ("backbone", "random_baseline", "raw_pixels"):
-        if name not in res:
-            continue
-        r = res[name]
+    for name, r in ((name, res[name]) for name in ("backbone", "random_baseline", "raw_pixels") if name in res):
         rows.append(f"== {name}: {r['model']}")
         for k, acc in r["knn"].items():
             rows.append(f"  k-NN k={k:<4}            top-1 {acc['top1']:6.2f}   top-5 {acc['top5']:6.2f}")
@@ -606,10 +516,9 @@ def _format_table(res: dict) -> str:
 def evaluate_model(model, train_set, val_set, n_classes: int, cfg: EvalConfig, size: int, device, seg_set=None,
                    linear: bool = True, name: str = "backbone", grey: bool = False) -> dict | None:
     """Every protocol on one backbone; features extracted and the k-NN run on all ranks, the rest on rank 0."""
-    train = extract_features(model, train_set, cfg.batch_size, device, num_workers=cfg.num_workers,
-                             desc=f"{name}: train features")
-    val = extract_features(model, val_set, cfg.batch_size, device, num_workers=cfg.num_workers,
-                           desc=f"{name}: val features")
+    train, val = (extract_features(model, ds, cfg.batch_size, device, num_workers=cfg.num_workers,
+                                   desc=f"{name}: {split} features")
+                  for split, ds in (("train", train_set), ("val", val_set)))
     # every rank: the k-NN shards the train features over the ranks (released `dinov2/eval/knn.py`)
     knn = knn_accuracy(train["cls"], train["labels"], val["cls"], val["labels"], n_classes, cfg.ks, cfg.temperature,
                        device=device)
@@ -627,16 +536,12 @@ def evaluate_model(model, train_set, val_set, n_classes: int, cfg: EvalConfig, s
 
 def main(argv=None) -> dict | None:
     cfg = parse_config(argv)
-    if "RANK" in os.environ and not dist.is_initialized():  # launched by torchrun: one process per GPU
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    device = pick_device()
+    rank, _, device = init("auto")  # under torchrun: the process group, each rank its own GPU
     synthetic = cfg.train is None
     # Derived values are printed, never written back into cfg.
-    run = {} if cfg.random else training_config(cfg.weights or DEFAULT_WEIGHTS)
+    weights = None if cfg.random else str(cfg.weights or DEFAULT_WEIGHTS)
+    run = training_config(weights)  # the run that wrote the weights ({} for --random)
     size = cfg.size or run.get("global_size", 224)  # features are read at the resolution they were trained at
-    synthetic_size = run.get("synthetic_size", 128)
     synthetic_kind = variant(run)  # the run's variant of the synthetic set
     baseline = cfg.baseline if cfg.baseline is not None else (synthetic and not cfg.random)
     grey = cfg.grey if cfg.grey is not None else saw_only_grey(run)  # read the network on what it was trained on
@@ -645,14 +550,13 @@ def main(argv=None) -> dict | None:
 
     model = load_backbone(cfg.weights, cfg.arch, device, random_init=cfg.random, img_size=size, seed=cfg.seed)
     size = round_to_patch(size, model.patch_size)
+    transform = EvalTransform(size, crop=not synthetic, patch=model.patch_size, grey=grey)  # synthetic: square already
     if synthetic:
-        transform = EvalTransform(size, crop=False, patch=model.patch_size, grey=grey)  # synthetic: square already
-        train_set, val_set = (data.SyntheticDataset(n=n, size=synthetic_size, n_classes=cfg.n_classes, seed=seed,
-                                                    transform=transform, **synthetic_kind)
+        train_set, val_set = (data.SyntheticDataset(n=n, size=run.get("synthetic_size", 128), n_classes=cfg.n_classes,
+                                                    seed=seed, transform=transform, **synthetic_kind)
                               for n, seed in ((cfg.n_train, 0), (cfg.n_val, 1)))
         n_classes = cfg.n_classes
     else:
-        transform = EvalTransform(size, crop=True, patch=model.patch_size, grey=grey)
         train_set = data.ImageFolderDataset(cfg.train, transform=transform)
         val_set = data.ImageFolderDataset(cfg.val, transform=transform)
         if list(train_set.classes) != list(val_set.classes):
@@ -661,39 +565,34 @@ def main(argv=None) -> dict | None:
         n_classes = max(1, len(train_set.classes))
     seg_set = val_set if hasattr(val_set, "sample") else None  # only data with foreground masks
 
-    weights = None if cfg.random else str(cfg.weights or DEFAULT_WEIGHTS)
     results = {"config": asdict(cfg), "size": size, "n_classes": n_classes, "weights": weights, "grey": grey}
     # The floor: the same k-NN on raw pixels (28 x 28, mean removed), on the same images
-    raw = {}
-    if rank_world()[0] == 0:
-        for name, ds in (("train", train_set), ("val", val_set)):
-            transform, ds.transform = ds.transform, None
-            raw[name] = raw_pixel_features(ds, crop=not synthetic, grey=grey)
+    if rank == 0:
+        raw = []  # train features, labels, val features, labels
+        for ds in (train_set, val_set):
+            transform, ds.transform = ds.transform, None  # the images as they are, not the network's input
+            raw += [raw_pixel_features(ds, crop=not synthetic, grey=grey), torch.tensor(ds.targets)]
             ds.transform = transform
-        knn = knn_accuracy(raw["train"], torch.tensor(train_set.targets), raw["val"], torch.tensor(val_set.targets),
-                           n_classes, cfg.ks, cfg.temperature, shard=False)  # rank 0 alone: a local search
+        knn = knn_accuracy(*raw, n_classes, cfg.ks, cfg.temperature, shard=False)  # rank 0 alone: a local search
         results["raw_pixels"] = dict(model="raw pixels 28x28" + (", grey" if grey else ""),
                                      knn={str(k): v for k, v in knn.items()})
     res = evaluate_model(model, train_set, val_set, n_classes, cfg, size, device, seg_set, grey=grey)
     if res is not None:
         results["backbone"] = dict(model=f"random init {cfg.arch}" if cfg.random else weights, **res)
     if baseline:
-        # Same arch, random weights: what the numbers are without any training (k-NN and segmentation only: they
-        # already say how much of the structure comes from the architecture and the pixels alone).
-        random_net = random_like(model, cfg.seed, training_layerscale(weights)).to(device)
+        # Same arch, random weights: what the architecture and the pixels give without training (k-NN and IoU say it)
+        random_net = random_like(model, cfg.seed, float(run.get("layerscale", 1e-5))).to(device)
         res = evaluate_model(random_net, train_set, val_set, n_classes, cfg, size, device, seg_set, linear=False,
                              name="random", grey=grey)
         if res is not None:
             results["random_baseline"] = dict(model="random init, same arch", **res)
-    if rank_world()[0] == 0:
+    if rank == 0:
         print(_format_table(results))
         if cfg.json:
-            Path(cfg.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(cfg.json).write_text(json.dumps(results, indent=2))
+            atomic_write_text(cfg.json, json.dumps(results, indent=2))
             print(f"wrote {cfg.json}")
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    barrier()
+    close()
     return results
 
 

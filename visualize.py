@@ -1,11 +1,9 @@
 """Pictures of a DINOv2 backbone: PCA maps of patch features, cls attention, training schedules and curves.
 
-Paper §7 qualitative results and Figure 1 ("PCA of patch features"; not in the released
-code): PCA of the patch features of a batch of images; the first component, thresholded, separates foreground from
-background; a second PCA with 3 components fitted on the foreground patches of ALL images jointly (one basis, so the
-same part gets the same colour in every image) is shown as RGB. Optionally the last block's cls->patch attention of
-each head (registers excluded), and the schedules (paper §5, released `ssl_default_config.yaml`) or loss curves
-of a training run.
+Paper §7 qualitative results and Figure 1 ("PCA of patch features"; not in the released code): each image's first
+PCA component of its patch features, thresholded, is the foreground; a 3-component PCA of the foreground patches of
+ALL images jointly (one basis: a part has one colour in every image) is shown as RGB. Optionally each head's cls
+attention; or the schedules (paper §5, released `ssl_default_config.yaml`), curves and k-NN monitors of runs.
 
 Public names, in reading order:
     resize_to_patches, collect_images        -- any image, any aspect ratio, to a whole number of patches
@@ -38,13 +36,11 @@ from PIL import Image  # noqa: E402
 from util import cli  # noqa: E402
 import data  # noqa: E402
 from util.cli import UserError, arg  # noqa: E402
-from data import to_tensor  # noqa: E402
-from data import variant  # noqa: E402
+from util.runlog import TERMS  # noqa: E402  (the metric names of train.py's loss terms)
+from data import to_tensor, variant  # noqa: E402
 from util.distributed import pick_device  # noqa: E402
 from evaluate import (DEFAULT_WEIGHTS, border_mask, first_principal_component, load_backbone,  # noqa: E402
                       round_to_patch, saw_only_grey, to_grey, training_config)
-
-LOSS_TERMS = ("dino_global", "dino_local", "ibot", "koleo")  # metric names of train.py's loss terms
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -52,8 +48,7 @@ LOSS_TERMS = ("dino_global", "dino_local", "ibot", "koleo")  # metric names of t
 
 
 def resize_to_patches(img: Image.Image, size: int, patch: int) -> Image.Image:
-    """Shorter side to `size`, aspect ratio kept, both sides rounded to whole patches (at least one patch:
-    an image smaller than a patch is resized up)."""
+    """Shorter side to `size`, aspect ratio kept, both sides rounded to whole patches (at least one: tiny ones grow)."""
     w, h = img.size
     scale = size / min(w, h)
     return img.resize((round_to_patch(w * scale, patch), round_to_patch(h * scale, patch)), Image.BICUBIC)
@@ -84,19 +79,15 @@ def collect_images(inputs) -> list:
 
 def pca_maps(feats: list, grids: list) -> tuple:
     """Joint PCA maps of several images. feats: [(N_i, D)], grids: [(h_i, w_i)] with h_i * w_i = N_i.
-
-    Returns ([rgb (h_i, w_i, 3) in [0, 1], background black], [foreground (h_i, w_i) bool]).
-    """
+    Returns ([rgb (h_i, w_i, 3) in [0, 1], background black], [foreground (h_i, w_i) bool])."""
     x = torch.cat([f.float() for f in feats])  # (sum N_i, D)
-    # Foreground: each image's own first principal component, thresholded at 0, as evaluate.segmentation_iou scores
-    # it. NOTE(deviation): the paper's Figure 1 takes the first component of one PCA over a batch of images of one
-    # category; over unrelated images that component separates the images (by colour, say) rather than object
-    # from background, so the threshold is per image. The colours below still use one basis for all images.
+    # Foreground: each image's own first principal component > 0, as evaluate.segmentation_iou scores it.
+    # NOTE(deviation): Figure 1 thresholds one PCA over images of one category; over unrelated images that component
+    # separates the images (by colour, say), not object from background. The colours still share one basis.
     fgs = []
     for f, (h, w) in zip(feats, grids):
         score = first_principal_component(f)  # (N_i,)
-        # the sign of a component is arbitrary: orient it so the outer ring of patches, mostly background in
-        # photographs and in the synthetic set, falls below the threshold
+        # the sign is arbitrary: the outer ring of patches (mostly background, photos and synthetic) goes below 0
         if score[border_mask(h, w)].mean() > 0:
             score = -score
         fg_i = score > 0
@@ -116,10 +107,8 @@ def pca_maps(feats: list, grids: list) -> tuple:
 
 @torch.inference_mode()
 def cls_attention(model, x: torch.Tensor) -> torch.Tensor:
-    """Last block's attention of the cls token to each patch, per head: x (1, 3, H, W) -> (H, h, w).
-
-    Register tokens (released *_reg models) are excluded: they sit between cls and the patches.
-    """
+    """Last block's attention of the cls token to each patch, per head: x (1, 3, H, W) -> (H, h, w). Register
+    tokens (released *_reg models), which sit between cls and the patches, are excluded."""
     attn = model.get_last_self_attention(x).float()  # (1, H, 1+R+N, 1+R+N)
     h, w = x.shape[-2] // model.patch_size, x.shape[-1] // model.patch_size
     return attn[0, :, 0, 1 + model.num_register_tokens:].reshape(-1, h, w).cpu()  # (H, h, w)
@@ -169,8 +158,7 @@ def _save(fig, out) -> Path:
 
 
 def plot_schedules(schedules: dict, out) -> Path:
-    """One panel per schedule (train.make_schedules: lr, wd, teacher momentum, teacher temperature, ...) per
-    iteration; `python train.py --dry-run` draws the run's."""
+    """One panel per schedule of train.make_schedules (lr, wd, momentum, ...); `train.py --dry-run` draws the run's."""
     schedules = {k: np.asarray(v, dtype=float) for k, v in schedules.items()}
     schedules = {k: v for k, v in schedules.items() if v.ndim == 1 and len(v)}
     fig, axes = plt.subplots(1, len(schedules), figsize=(3.2 * len(schedules), 2.8), squeeze=False)
@@ -185,9 +173,7 @@ def plot_schedules(schedules: dict, out) -> Path:
 def read_metrics(path) -> list:
     """metrics.jsonl -> [dict]; lines that are not a JSON object are skipped with one warning."""
     rows, bad = [], 0
-    for line in Path(path).read_text().splitlines():
-        if not line.strip():
-            continue
+    for line in filter(str.strip, Path(path).read_text().splitlines()):  # blank lines are no rows
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
@@ -203,7 +189,7 @@ def read_metrics(path) -> list:
 
 def _is_curve(key: str) -> bool:
     return (key in ("lr", "teacher_entropy") or key.startswith("loss") or key.endswith("loss")
-            or key.startswith(LOSS_TERMS))
+            or key.startswith(TERMS))
 
 
 def _metrics_path(run: str, flag: str) -> Path:
@@ -233,13 +219,11 @@ def plot_curves(run_dir: str, out: str) -> Path:
         pts = [(r.get("step", i), r[key]) for i, r in enumerate(rows)
                if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
         ax.plot(*zip(*pts), marker="o" if key == "knn_top1" else None, markersize=3)
-        ax.set_title(key, fontsize=9)
-        if key == "knn_top1":
-            ax.set_title("k-NN top-1 % (teacher)", fontsize=9)
-            raw = [r["knn_raw_pixels"] for r in rows if isinstance(r.get("knn_raw_pixels"), (int, float))]
-            if raw:
-                ax.axhline(raw[-1], color="gray", linestyle="--", label=f"raw pixels {raw[-1]:.1f}")
-                ax.legend(fontsize=7)
+        ax.set_title("k-NN top-1 % (teacher)" if key == "knn_top1" else key, fontsize=9)
+        raw = monitor_series(rows)[2] if key == "knn_top1" else None  # the raw-pixel floor under the monitor
+        if raw is not None:
+            ax.axhline(raw, color="gray", linestyle="--", label=f"raw pixels {raw:.1f}")
+            ax.legend(fontsize=7)
         ax.set_xlabel("step")
     for ax in list(axes.flat)[len(keys):]:
         ax.axis("off")
@@ -293,20 +277,17 @@ class VizConfig:
     weights: str | None = arg(None, "backbone file; none: runs/train/teacher_backbone.pth")
     arch: str = arg("vit_tiny", "architecture of --random")
     random: bool = arg(False, "a randomly initialised --arch instead of weights (what structure is there for free)")
-    size: int | None = arg(None, "shorter side in pixels, rounded to the patch; none: 112 synthetic, 224 images")
+    size: int | None = arg(None, "shorter side, rounded to the patch; none: 112 synthetic, 224 images", check=(1, None))
     attention: bool = arg(False, "add the last block's cls attention of each head")
-    n_synthetic: int = arg(4, "synthetic images when none are given")
+    n_synthetic: int = arg(4, "synthetic images when none are given", check=(1, None))
     out: str = arg("viz.png", "the PNG to write")
     curves: str | None = arg(None, "plot the curves of this run folder (or metrics.jsonl) instead")
     compare: list[str] = arg([], "run folders (or metrics.jsonl files): their k-NN monitors on one plot instead")
 
     def __post_init__(self):
+        cli.check_fields(self)  # the declared ranges; below, the flags that exclude each other
         if self.weights is not None and self.random:
             raise ValueError("pass either --weights or --random, not both")
-        if self.size is not None and self.size < 1:
-            raise ValueError(f"--size must be >= 1, got {self.size}")
-        if self.n_synthetic < 1:
-            raise ValueError(f"--n-synthetic must be >= 1, got {self.n_synthetic}")
         if self.curves and self.compare:
             raise ValueError("pass either --curves or --compare, not both")
 

@@ -163,3 +163,30 @@ def test_clusters_are_capped_by_the_level_below_with_a_note(capsys):
     cfg = curate.CurateConfig(pool="p", clusters="1000,50")
     assert curate._cluster_sizes(12, cfg) == [12, 12]
     assert "asks for 1000 clusters of 12 images" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not HAVE_VIT_AND_DATA, reason="vit.py / data.py not present")
+def test_out_folder_of_another_pool_is_one_error_line(tmp_path):
+    """Issue item 7: `curate.py --out` on a folder that holds the embeddings of another pool, run as a user would:
+    one `error:` line that names the folder and what to do, exit status 1, no traceback."""
+    from PIL import Image
+    from conftest import run_script
+    from vit import build_model
+    torch.manual_seed(0)
+    model = build_model("vit_tiny", img_size=28, depth=1).eval()
+    torch.save(model.state_dict(), tmp_path / "w.pth")
+    pools = {}
+    for name, blue in (("a", 60), ("b", 200)):
+        (tmp_path / name).mkdir()
+        for i in range(3):
+            Image.new("RGB", (32, 32), (70 * i, 90, blue)).save(tmp_path / name / f"{i}.png")
+        pools[name] = sorted(str(p) for p in (tmp_path / name).glob("*.png"))
+    emb_dir = tmp_path / "out" / "embeddings" / "pool"
+    curate.embed(pools["a"], model, str(emb_dir), size=28, device="cpu", progress=False)  # pool a's embeddings
+    proc = run_script(["--pool", str(tmp_path / "b"), "--weights", str(tmp_path / "w.pth"), "--size", "28",
+                       "--workers", "0", "--device", "cpu", "--out", str(tmp_path / "out")], script="curate.py")
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    err = proc.stderr.strip()
+    assert "Traceback" not in proc.stderr and err.count("\n") == 0 and err.startswith("error: "), proc.stderr
+    assert str(emb_dir) in err and "holds embeddings of other images" in err and "--out" in err
+    assert sorted(os.listdir(emb_dir)) == ["chunk_000000.done", "chunk_000000.npy", "meta.json"]  # left untouched

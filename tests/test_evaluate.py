@@ -255,7 +255,7 @@ def test_extract_features_shapes_and_order():
 
 
 def test_extract_features_torchrun_matches_single_process(tmp_path):
-    """2 gloo ranks each extract a shard (r::2, uneven) and gather: the same features in dataset order."""
+    """2 gloo ranks each extract a contiguous shard (2 + 3 items) and gather: the same features in dataset order."""
     script = tmp_path / "extract.py"
     script.write_text(f"""
 import sys; sys.path.insert(0, {str(ROOT)!r})
