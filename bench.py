@@ -6,10 +6,19 @@ Times, after warm-up and with the device synchronised around the timed region:
               loss terms, per-part clipping, AdamW, EMA (one batch, reused, so the data loader is not timed)
     forward   the backbone alone at --forward-size: inference (batch --forward-batch), and forward + backward (half
               that batch)
-    data      the multi-crop pipeline (2 global + n_local crops) on a 500x375 image, images/s for one worker
+    data      the multi-crop augmentation train.build_data makes for these flags, on the first image of the set
+              the run trains on (synthetic, or --data): images/s for one worker; and the iBOT masks its collate
+              draws over --mask-batches batches (masked crops per batch, mask ratios)
 and prints images/s, step time, peak memory and MFU against a peak-FLOPS table (plan.PEAK_BF16_TFLOPS); FLOPs come
 from the model's own formula (vit.VisionTransformer.flops_per_image). If data images/s x workers is below step
-images/s, the data bounds the run; otherwise the compute does.
+images/s, the data bounds the run; otherwise the compute does. Two more modes, not in "all":
+    memory    plan.py's estimate of a step's peak memory beside the measured one (CUDA: the allocator's peak; CPU:
+              the peak RSS, interpreter and libraries included: run it under MALLOC_MMAP_THRESHOLD_=65536, so that
+              glibc returns freed blocks and the RSS follows the live tensors). The RSS is machine-dependent (the
+              CUDA build of torch maps ~0.5 GB more libraries than the CPU build), so this figure lives here;
+              tests/test_gpu_paths.py checks what does not depend on the machine (the growth with the batch).
+    knn       knn.py's exact kNN search, k-means and hierarchical k-means on clustered random data, beside faiss's
+              when it is installed (never a dependency); under torchrun, sharded k-means, each rank making its rows
 
 Every flag of train.py works here (--arch, --batch-size, --global-size, --compile, --strategy, ...).
 
@@ -17,6 +26,10 @@ Every flag of train.py works here (--arch, --batch-size, --global-size, --compil
     python bench.py --arch vit_s --batch-size 8 --mode forward
     python bench.py --arch vit_l --batch-size 32 --compile
     torchrun --nproc_per_node=1 bench.py --arch vit_g --strategy fsdp --activation-checkpointing --batch-size 12
+    MALLOC_MMAP_THRESHOLD_=65536 python bench.py --mode memory --arch vit_s --depth 3 --batch-size 4 --n-local 2 \
+        --num-workers 0 --synthetic-size 224       # plan.py's estimate within ~15% of the peak RSS (CPU build)
+    python bench.py --mode knn --what kmeans --threads 2 [--points 100000 --dim 384 --clusters 1000]
+    torchrun --nproc_per_node=2 bench.py --mode knn --what hkmeans --points 400000
 
 The GPU suite: one command sized for 6 minutes on one H100 / H200 (no sub-benchmark starts after --budget-s; not
 yet run on a GPU), one JSON, every sub-benchmark guarded (a failure is recorded and the rest run): the data
@@ -29,35 +42,72 @@ memory beside the measured one. --quick: toy sizes, the same code paths on a CPU
 """
 import gc
 import json
-import os
+import math
 import resource
-import tempfile
 import time
 import traceback
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image
+import torch.nn.functional as F
 
-from util import distributed
+from util import cli, distributed
 from util import plan
+from util.checkpoint import atomic_write_text
+from util.cli import arg
+import knn
 import train
-from data import MultiCropAugmentation
+
+GiB = 2 ** 30
+
+# The GPU suite: (name, flags), run in this order (the compiled runs last: their compile time is the longest).
+# Batch sizes are the paper's per-GPU ones (64 for vit_s, 32 for vit_l, 12 for vit_g). A step reuses one batch,
+# built in the main process (--num-workers 0), so no loader worker competes for the CPU that launches the kernels.
+SUITES = {"gpu": [
+    ("data", ["--arch", "vit_s", "--batch-size", "64", "--synthetic-size", "448", "--num-workers", "8"]),
+    ("vit_s", ["--arch", "vit_s", "--batch-size", "64", "--num-workers", "0"]),
+    ("vit_l", ["--arch", "vit_l", "--batch-size", "32", "--num-workers", "0"]),
+    ("vit_g_fsdp_ckpt", ["--arch", "vit_g", "--batch-size", "12", "--strategy", "fsdp", "--activation-checkpointing",
+                         "--num-workers", "0"]),
+    ("vit_s_compile", ["--arch", "vit_s", "--batch-size", "64", "--compile", "--num-workers", "0"]),
+    ("vit_l_compile", ["--arch", "vit_l", "--batch-size", "32", "--compile", "--num-workers", "0"]),
+]}
 
 
 @dataclass
 class BenchConfig(train.Config):
-    mode: str = "all"  # all | step | forward | data
-    steps: int = 10  # timed iterations
-    warmup: int = 3  # untimed iterations first (compile, allocator, caches)
-    forward_batch: int = 16
-    forward_size: int = 224
-    data_images: int = 20  # images through the multi-crop pipeline
-    json: str = ""  # also write the figures here
-    suite: str = ""  # "" = the one configuration the flags give | gpu = the fixed GPU suite of the docstring
-    quick: bool = False  # --suite at toy sizes (one block, 28-px crops): the same code paths on a CPU, for CI
-    budget_s: float = 330  # --suite: no sub-benchmark starts after this many seconds (the suite's target: 6 min)
+    mode: str = arg("all", "all (= step, forward, data) | step | forward | data | memory | knn",
+                    check=("all", "step", "forward", "data", "memory", "knn"))
+    steps: int = arg(10, "timed iterations", check=(1, None))
+    warmup: int = arg(3, "untimed iterations first (compile, allocator, caches)", check=(0, None))
+    forward_batch: int = arg(16, "--mode forward: inference batch (forward + backward: half of it)", check=(1, None))
+    forward_size: int = arg(224, "--mode forward: image side", check=(1, None))
+    data_images: int = arg(20, "--mode data: images through the multi-crop pipeline", check=(1, None))
+    mask_batches: int = arg(200, "--mode data: batches of iBOT masks drawn for the masking statistics",
+                            check=(1, None))
+    json: str = arg("", "also write the figures here")
+    suite: str = arg("", "gpu: the fixed GPU suite of the docstring (none: the one configuration the flags give)")
+    quick: bool = arg(False, "--suite at toy sizes (one block, 28-px crops): the same code paths on a CPU, for CI")
+    budget_s: float = arg(330, "--suite: no sub-benchmark starts after this many seconds (the target: 6 min)")
+    # --mode knn (names apart from train.Config's own flags)
+    what: str = arg("all", "--mode knn: knn | kmeans | hkmeans | all", check=("knn", "kmeans", "hkmeans", "all"))
+    points: int = arg(100_000, "--mode knn: k-means points", check=(1, None))
+    dim: int = arg(384, "--mode knn: width of the rows", check=(1, None))
+    clusters: int = arg(1000, "--mode knn: clusters of k-means, first level of hierarchical k-means", check=(1, None))
+    iters: int = arg(10, "--mode knn: k-means iterations", check=(1, None))
+    db: int = arg(200_000, "--mode knn: kNN database rows", check=(1, None))
+    queries: int = arg(10_000, "--mode knn: kNN queries", check=(1, None))
+    topk: int = arg(10, "--mode knn: neighbours per query", check=(1, None))
+    repeats: int = arg(3, "--mode knn: runs of each timing", check=(1, None))
+    threads: int = arg(0, "--mode knn: torch and faiss threads (0: torch's default)", check=(0, None))
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.suite and self.suite not in SUITES:
+            raise ValueError(f"--suite must be one of {', '.join(SUITES)} (or none), got {self.suite!r}")
+        if self.mode == "knn" and self.what in ("kmeans", "hkmeans", "all") and self.clusters > self.points:
+            raise ValueError(f"--clusters must be <= --points ({self.points}), got {self.clusters}")
 
 
 def synchronize(device):
@@ -73,6 +123,29 @@ def peak_memory_gb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # CPU: the process's peak RSS (Linux: KiB)
 
 
+def rss_reset() -> float:
+    """Resident memory now (bytes), after resetting the peak (Linux: clear_refs 5 resets VmHWM); nan elsewhere."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _proc_status("VmRSS")
+    except OSError:
+        return float("nan")
+
+
+def rss_peak() -> float:
+    """Peak resident memory (bytes) since the last rss_reset, from /proc/self/status; nan elsewhere."""
+    return _proc_status("VmHWM")
+
+
+def _proc_status(key):
+    try:
+        with open("/proc/self/status") as f:
+            return float(next(line for line in f if line.startswith(key + ":")).split()[1]) * 1024
+    except (OSError, StopIteration):
+        return float("nan")
+
+
 def timed(fn, n_warmup, n_steps, device):
     for _ in range(n_warmup):
         fn()
@@ -86,19 +159,46 @@ def timed(fn, n_warmup, n_steps, device):
     return (time.perf_counter() - t0) / n_steps
 
 
-def bench_step(cfg, rank, world, device, strategy):
+def one_step_setup(cfg, rank, world, device, strategy):
+    """train.py's run (models, optimizer, centres, schedules) and one batch of its loader, on the device."""
     student_p, student, teacher = train.build_models(cfg, strategy, device)
-    run = train.make_run(cfg, rank, world, device, strategy, student_p, student, teacher=teacher, ema=teacher)
+    run = train.make_run(cfg, rank=rank, world=world, device=device, strategy=strategy, student_p=student_p,
+                         student=student, teacher=teacher, ema=teacher)
     loader, _ = train.build_data(cfg, rank, world, 0, device)
     batch = train.to_device(next(iter(loader)), device)
     student_p.train()
+    return run, batch
+
+
+def bench_step(cfg, rank, world, device, strategy):
+    run, batch = one_step_setup(cfg, rank, world, device, strategy)
     step = lambda: train.train_step(run, batch, 0)
     seconds = timed(step, cfg.warmup, cfg.steps, device)
-    flops = plan.flops_per_image(student.backbone, cfg) * cfg.batch_size
+    flops = plan.flops_per_image(run.student.backbone, cfg) * cfg.batch_size
     peak = plan.peak_flops(device)
     return {"step_s": seconds, "step_images_per_s": cfg.batch_size * world / seconds,
             "step_tflops_per_gpu": flops / seconds / 1e12, "step_mfu": flops / seconds / peak if peak else None,
             "step_peak_mem_gb": peak_memory_gb(device), "train_gflops_per_image": flops / cfg.batch_size / 1e9}
+
+
+def bench_memory(cfg, rank, world, device, strategy):
+    """plan.py's estimate of a step's peak memory beside the measured peak, over two steps (from the second on, the
+    AdamW moments exist). CUDA: the allocator's peak against the allocator-counted estimate; elsewhere the peak
+    RSS against the estimate's total (plan.RUNTIME_BYTES counts the interpreter and libraries)."""
+    est = plan.estimate(cfg, plan.count_parameters(train.meta_model(cfg)), world, device.type)["memory"]
+    start = rss_reset()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    run, batch = one_step_setup(cfg, rank, world, device, strategy)
+    for step in range(2):
+        train.train_step(run, batch, step)
+    synchronize(device)
+    if device.type == "cuda":
+        measured, estimated = torch.cuda.max_memory_allocated(device), est["peak"]
+    else:
+        measured, estimated = rss_peak(), est["total"]
+    return {"memory_estimated_gb": estimated / GiB, "memory_measured_gb": measured / GiB,
+            "memory_measured_over_estimated": measured / estimated, "memory_rss_at_start_gb": start / GiB}
 
 
 def bench_forward(cfg, device, strategy):
@@ -131,12 +231,10 @@ def bench_forward(cfg, device, strategy):
 
 
 def bench_data(cfg):
-    """One worker's multi-crop throughput on a photo-sized image (decoding excluded: it depends on the file)."""
-    augment = MultiCropAugmentation(global_size=cfg.global_size, local_size=cfg.local_size, n_local=cfg.n_local,
-                                    global_scale=tuple(cfg.global_scale), local_scale=tuple(cfg.local_scale),
-                                    blur=cfg.blur)
-    rng = np.random.default_rng(0)
-    image = Image.fromarray(rng.integers(0, 255, (375, 500, 3), dtype=np.uint8))
+    """One worker's multi-crop throughput, and the masking statistics, of the very augmentation, images and collate
+    train.build_data makes for these flags (decoding excluded: it depends on the file)."""
+    loader, _ = train.build_data(cfg, 0, 1, 0, torch.device("cpu"))  # builds no worker until iterated
+    augment, image = loader.dataset.augment, loader.dataset.images.load(0)[0]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a data-loader worker runs one thread
     augment(image)
@@ -145,7 +243,17 @@ def bench_data(cfg):
         augment(image)
     seconds = time.perf_counter() - t0
     torch.set_num_threads(threads)
-    return {"data_images_per_s_per_worker": cfg.data_images / seconds}
+    # iBOT masks of --mask-batches global batches, as the collate draws them (released `collate.py`'s statistics)
+    per_batch, ratios = [], []
+    for step in range(cfg.mask_batches):
+        counts = loader.collate_fn.sample_masks(step, 0, cfg.batch_size).sum(1)  # (2B,) masked patches per crop
+        per_batch.append(int((counts > 0).sum()))
+        ratios += (counts[counts > 0] / loader.collate_fn.mask_generator.num_patches).tolist()
+    r = np.array(ratios or [0.0])
+    return {"data_images_per_s_per_worker": cfg.data_images / seconds, "data_image": f"{image.width}x{image.height}",
+            "masked_crops_per_batch": f"{min(per_batch)}-{max(per_batch)} of {2 * cfg.batch_size}",
+            "mask_ratio_mean": float(r.mean()), "mask_ratio_p10_p50_p90": "/".join(
+                f"{v:.3f}" for v in np.percentile(r, (10, 50, 90)))}
 
 
 def bench_loader(cfg, device, n_batches):
@@ -162,35 +270,83 @@ def bench_loader(cfg, device, n_batches):
     return {"loader_images_per_s": n_batches * cfg.batch_size / seconds, "loader_workers": workers}
 
 
-# The GPU suite: (name, flags), run in this order (the compiled runs last: their compile time is the longest).
-# Batch sizes are the paper's per-GPU ones (64 for vit_s, 32 for vit_l, 12 for vit_g). A step reuses one batch,
-# built in the main process (--num-workers 0), so no loader worker competes for the CPU that launches the kernels.
-SUITES = {"gpu": [
-    ("data", ["--arch", "vit_s", "--batch-size", "64", "--synthetic-size", "448", "--num-workers", "8"]),
-    ("vit_s", ["--arch", "vit_s", "--batch-size", "64", "--num-workers", "0"]),
-    ("vit_l", ["--arch", "vit_l", "--batch-size", "32", "--num-workers", "0"]),
-    ("vit_g_fsdp_ckpt", ["--arch", "vit_g", "--batch-size", "12", "--strategy", "fsdp", "--activation-checkpointing",
-                         "--num-workers", "0"]),
-    ("vit_s_compile", ["--arch", "vit_s", "--batch-size", "64", "--compile", "--num-workers", "0"]),
-    ("vit_l_compile", ["--arch", "vit_l", "--batch-size", "32", "--compile", "--num-workers", "0"]),
-]}
-# --quick: the same code paths at toy sizes (one block, 28-px crops, no local crops: one inductor compile per
-# model and mode), fp32 on a CPU. tests/test_gpu_paths.py compiles this very vit_s, so the two share inductor's cache.
+# ---------------------------------------------------------------------------------------------------------------
+# --mode knn: knn.py's engine on clustered random data, beside faiss when it is installed
+
+def clustered_rows(lo, hi, dim, n_centres=1000, seed=0, block=10000):
+    """Rows [lo, hi) of a fixed clustered data set (centres N(0, 1), points = centre + N(0, 0.25)): generated
+    block by block from (seed, block index), so a rank can make its own shard without the others'."""
+    centres = torch.randn(n_centres, dim, generator=torch.Generator().manual_seed(seed))
+    parts = []
+    for b in range(lo // block, (hi - 1) // block + 1 if hi > lo else 0):
+        g = torch.Generator().manual_seed(seed * 1_000_003 + b + 1)
+        rows = centres[torch.randint(n_centres, (block,), generator=g)] + 0.5 * torch.randn(block, dim, generator=g)
+        parts.append(rows[max(lo - b * block, 0):hi - b * block])
+    return torch.cat(parts + [torch.zeros(0, dim)])
+
+
+def seconds(fn):
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def bench_knn(cfg, rank, world):
+    """Seconds of exact kNN (one process only), k-means (random and k-means++ init) and hierarchical k-means (two
+    levels, 2 resampling steps): the best of --repeats runs, with faiss's beside them when it is installed."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        import faiss  # only for the comparison
+        faiss.omp_set_num_threads(torch.get_num_threads())
+    except ImportError:
+        faiss = None
+    distributed.print0(f"threads {torch.get_num_threads()}, world {world}, faiss {'yes' if faiss else 'no'}; knn: "
+                       f"{cfg.db} x {cfg.dim}, {cfg.queries} queries, top {cfg.topk}; k-means: {cfg.points} x "
+                       f"{cfg.dim}, {cfg.clusters} clusters, {cfg.iters} iterations (hierarchical: 2 levels, "
+                       f"2 resampling steps); faiss.Kmeans starts from random points, as kmeans_random_init_s")
+    lo, hi = knn.shard_range(cfg.points, rank, world)
+    x = clustered_rows(lo, hi, cfg.dim)  # (n / world, D) this rank's rows only
+    start = rss_reset()
+    best = {}
+    for rep in range(cfg.repeats):
+        runs = {}
+        if cfg.what in ("knn", "all") and world == 1:
+            db = F.normalize(clustered_rows(0, cfg.db, cfg.dim, seed=1), dim=1)
+            q = F.normalize(clustered_rows(0, cfg.queries, cfg.dim, seed=2), dim=1)
+            runs["knn_s"] = lambda: knn.knn(q, db, cfg.topk)
+            if faiss:
+                def faiss_knn():
+                    index = faiss.IndexFlatIP(cfg.dim)
+                    index.add(db.numpy())
+                    index.search(q.numpy(), cfg.topk)
+                runs["knn_faiss_s"] = faiss_knn  # IndexFlatIP: exact, as ours
+        if cfg.what in ("kmeans", "all"):
+            runs["kmeans_random_init_s"] = lambda: knn.kmeans(x, cfg.clusters, cfg.iters, init="random", seed=rep)
+            runs["kmeans_s"] = lambda: knn.kmeans(x, cfg.clusters, cfg.iters, seed=rep)  # k-means++ init
+            if faiss and world == 1:  # random init, as ours above
+                runs["kmeans_faiss_s"] = lambda: faiss.Kmeans(cfg.dim, cfg.clusters, niter=cfg.iters,
+                                                              seed=rep).train(x.numpy())
+        if cfg.what in ("hkmeans", "all"):
+            ks = (cfg.clusters, max(2, round(math.sqrt(cfg.clusters))))
+            runs["hkmeans_s"] = lambda: knn.hierarchical_kmeans(x, ks, cfg.iters, resample_steps=2)
+        for name, fn in runs.items():
+            best[name] = min(best.get(name, math.inf), seconds(fn))
+    peak = distributed.all_gather_cat(torch.tensor([[start, rss_peak()]]) / GiB).tolist()
+    return {**best, "rss_per_rank_gb": [[round(v, 2) for v in r] for r in peak],  # [after making the data, peak]
+            "rows_per_rank_gb": x.numel() * 4 / GiB}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The GPU suite (SUITES, at the top): every sub-benchmark guarded, the JSON rewritten after each
+
 QUICK_MODEL = ["--depth", "1", "--global-size", "28", "--local-size", "14", "--n-local", "0", "--batch-size", "4",
                "--n-prototypes", "64", "--ibot-n-prototypes", "64", "--head-hidden-dim", "64",
                "--head-bottleneck-dim", "32", "--ibot-bottleneck-dim", "32", "--drop-path", "0",
                "--synthetic-images", "16", "--synthetic-size", "64"]
-QUICK = QUICK_MODEL + ["--steps", "2", "--warmup", "1", "--data-images", "2"]
+QUICK = QUICK_MODEL + ["--steps", "2", "--warmup", "1", "--data-images", "2", "--mask-batches", "2"]
 QUICK_SKIPS = {"vit_l_compile": "--quick: the compile path is vit_s_compile's (inductor's CPU compile of another "
                                 "model would add ~30 s to CI)"}
-
-
-def single_process_group(device):
-    """FSDP2 needs a process group; one process gets a group of one (what torchrun --nproc_per_node=1 would make)."""
-    if not distributed.is_dist():
-        store = tempfile.NamedTemporaryFile(prefix="bench_pg_", delete=False).name
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                             init_method=f"file://{store}", rank=0, world_size=1)
 
 
 def run_suite(cfg):
@@ -220,8 +376,8 @@ def run_suite(cfg):
                 entry.update(bench_loader(sub, device, 2 if cfg.quick else 20))
             else:
                 strategy = "fsdp" if sub.strategy == "fsdp" else "none"
-                if strategy == "fsdp":
-                    single_process_group(device)
+                if strategy == "fsdp":  # FSDP2 needs a process group, even of one
+                    distributed.init(str(device), group=True)
                 est = plan.estimate(sub, plan.count_parameters(train.meta_model(sub)), 1, device.type)
                 entry.update(arch=sub.arch, batch_size=sub.batch_size, strategy=strategy, dtype=est["dtype"],
                              compile=sub.compile, activation_checkpointing=sub.activation_checkpointing,
@@ -234,8 +390,7 @@ def run_suite(cfg):
             entry["error"] = f"{type(e).__name__}: {e}"
             entry["traceback"] = traceback.format_exc()[-3000:]
         finally:
-            if distributed.is_dist():
-                torch.distributed.destroy_process_group()
+            distributed.close()
             torch._dynamo.reset()  # compiled graphs of this model are not reused by the next
             gc.collect()
             if device.type == "cuda":
@@ -251,26 +406,28 @@ def record(results, name, entry, path):
     print(f"{name:<16} " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                      for k, v in entry.items() if k not in ("traceback", "flags")), flush=True)
     if path:
-        with open(path + ".tmp", "w") as f:
-            json.dump(results, f, indent=1)
-        os.replace(path + ".tmp", path)
+        atomic_write_text(path, json.dumps(results, indent=1))
 
 
 def main(cfg):
-    if cfg.suite:
-        if cfg.suite not in SUITES:
-            raise SystemExit(f"error: unknown --suite {cfg.suite!r}; known: {', '.join(SUITES)}")
+    if cfg.suite:  # a known one: BenchConfig checks --suite
         return run_suite(cfg)
-    rank, world, device, strategy, n_params = train.setup(cfg)
-    results = {"arch": cfg.arch, "device": str(device), "strategy": strategy, "world": world,
-               "batch_size": cfg.batch_size, "compile": cfg.compile, "backbone_params_m": n_params / 1e6,
-               "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type}
+    if cfg.mode == "knn":
+        rank, world, device = distributed.init(cfg.device)
+        results = {"mode": "knn", "world": world, **bench_knn(cfg, rank, world)}
+    else:
+        rank, world, device, strategy, n_params = train.setup(cfg)
+        results = {"arch": cfg.arch, "device": str(device), "strategy": strategy, "world": world,
+                   "batch_size": cfg.batch_size, "compile": cfg.compile, "backbone_params_m": n_params / 1e6,
+                   "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type}
     if cfg.mode in ("all", "data") and rank == 0:
         results.update(bench_data(cfg))
     if cfg.mode in ("all", "forward"):
         results.update(bench_forward(cfg, device, strategy))
     if cfg.mode in ("all", "step"):
         results.update(bench_step(cfg, rank, world, device, strategy))
+    if cfg.mode == "memory":
+        results.update(bench_memory(cfg, rank, world, device, strategy))
     if rank == 0:
         width = max(map(len, results))
         for k, v in results.items():
@@ -279,12 +436,10 @@ def main(cfg):
             workers = results["step_images_per_s"] / world / results["data_images_per_s_per_worker"]
             print(f"data workers needed per rank to keep up: {workers:.1f}")
         if cfg.json:
-            with open(cfg.json, "w") as f:
-                json.dump(results, f, indent=1)
-    if distributed.is_dist():
-        torch.distributed.destroy_process_group()
+            atomic_write_text(cfg.json, json.dumps(results, indent=1))
+    distributed.close()
     return results
 
 
 if __name__ == "__main__":
-    main(train.parse_config(BenchConfig, train.PRESETS, description=__doc__))
+    cli.run(lambda: main(train.parse_config(BenchConfig, train.PRESETS, description=__doc__)))

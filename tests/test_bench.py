@@ -3,6 +3,7 @@ timing asserts: timings are noise)."""
 import json
 import math
 
+import pytest
 import torch
 
 import bench
@@ -19,6 +20,46 @@ def test_tiny_bench_reports_finite_figures():
                 "forward_images_per_s", "forward_backward_images_per_s", "data_images_per_s_per_worker"):
         assert isinstance(results[key], float) and math.isfinite(results[key]) and results[key] > 0, key
     assert results["step_mfu"] is None  # no peak-FLOPS figure for a CPU
+    assert results["data_image"] == "64x64"  # the first image of the synthetic set the run trains on
+
+
+def test_data_mode_times_the_augmentation_train_builds_and_counts_the_masks(monkeypatch):
+    built = []
+    build_data = train.build_data
+    monkeypatch.setattr(train, "build_data", lambda *a: built.append(build_data(*a)[0]) or (built[-1], 0))
+    argv = TINY_MODEL + ["--data-images", "2", "--mask-batches", "20", "--mode", "data", "--p-grayscale", "0.7",
+                         "--hue-jitter", "0.3"]
+    results = bench.main(train.parse_config(bench.BenchConfig, train.PRESETS, argv=argv))
+    augment = built[0].dataset.augment  # what was timed: the preset's colour settings, as train.build_data sets them
+    assert (augment.hue, augment.p_grayscale) == (0.3, 0.7)
+    # 4 images, 8 global crops: int(8 x 0.5) = 4 get a mask target (a target of 1-2 of the 16 patches may place no
+    # block: min_num_patches 4), ratios in the preset's (0.1, 0.5)
+    assert results["masked_crops_per_batch"].endswith("-4 of 8")
+    assert 0.1 <= results["mask_ratio_mean"] <= 0.5
+
+
+def test_memory_mode_reports_estimate_and_measured_peak():
+    argv = TINY_MODEL + ["--global-size", "28", "--local-size", "14", "--batch-size", "2", "--mode", "memory"]
+    results = bench.main(train.parse_config(bench.BenchConfig, train.PRESETS, argv=argv))
+    for key in ("memory_estimated_gb", "memory_measured_gb", "memory_measured_over_estimated"):
+        assert isinstance(results[key], float) and math.isfinite(results[key]) and results[key] > 0, key
+
+
+def test_knn_mode_times_every_part():
+    argv = ["--mode", "knn", "--points", "600", "--dim", "8", "--clusters", "9", "--iters", "2", "--db", "300",
+            "--queries", "20", "--topk", "3", "--repeats", "2", "--json", ""]
+    results = bench.main(train.parse_config(bench.BenchConfig, train.PRESETS, argv=argv))
+    for key in ("knn_s", "kmeans_random_init_s", "kmeans_s", "hkmeans_s"):
+        assert isinstance(results[key], float) and math.isfinite(results[key]) and results[key] > 0, key
+    assert len(results["rss_per_rank_gb"]) == 1
+
+
+@pytest.mark.parametrize("argv", [["--suite", "cpu"], ["--mode", "knn", "--points", "5", "--clusters", "6"],
+                                  ["--mode", "speed"]])
+def test_bad_flags_are_usage_errors(argv, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        train.parse_config(bench.BenchConfig, train.PRESETS, argv=argv)
+    assert exit_.value.code == 2 and "Traceback" not in capsys.readouterr().err
 
 
 def test_gpu_suite_quick_runs_every_sub_benchmark(tmp_path):

@@ -260,7 +260,8 @@ def test_extract_features_torchrun_matches_single_process(tmp_path):
     script.write_text(f"""
 import sys; sys.path.insert(0, {str(ROOT)!r})
 import torch, torch.distributed as dist, data, evaluate, vit
-dist.init_process_group("gloo")
+from util.distributed import init
+init("cpu")
 torch.manual_seed(0)
 model = vit.build_model("vit_tiny", img_size=28).eval()
 ds = data.SyntheticDataset(n=5, size=32, seed=3, transform=evaluate.EvalTransform(28, crop=False))

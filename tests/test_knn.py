@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import bench  # its clustered_rows: the data set bench.py --mode knn times
 import knn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -141,7 +142,7 @@ def test_assign_with_and_without_the_bf16_screen_equals_brute_force(spherical):
         else:
             assert torch.equal(a, ref)
     # Clustered float data: the screen decides most rows and gives the fp32 answer.
-    x, c = knn.clustered_rows(0, 5000, 32, n_centres=20), knn.clustered_rows(0, 40, 32, n_centres=20, seed=3)
+    x, c = bench.clustered_rows(0, 5000, 32, n_centres=20), bench.clustered_rows(0, 40, 32, n_centres=20, seed=3)
     ref = torch.cdist(x, c).argmin(1)
     assert torch.equal(knn._assign(x, c, screen=True), ref) and torch.equal(knn._assign(x, c, screen=False), ref)
 
@@ -250,7 +251,8 @@ WORKER = textwrap.dedent("""
     import torch, torch.distributed as dist
     import knn, curate, evaluate
     from test_knn import SEARCH_CASES, KMEANS_CASES, search_case, clustered, pool_case
-    dist.init_process_group("gloo")
+    from util.distributed import init
+    init("cpu")
     rank, world = dist.get_rank(), dist.get_world_size()
     out = {{}}
     for name, (Q, N, D, k, seed) in SEARCH_CASES.items():

@@ -353,7 +353,8 @@ WORKER = textwrap.dedent("""
     import torch.distributed as dist
     import losses
 
-    dist.init_process_group("gloo")
+    from util.distributed import init
+    init("cpu")  # the project's one process-group set-up (gloo on the CPU)
     rank = dist.get_rank()
     out = {"world_size": dist.get_world_size()}
     k = 7

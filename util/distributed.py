@@ -6,6 +6,7 @@ LOCAL_RANK); `python script.py` sets none of them and runs as rank 0 of 1 with n
 the right thing in both cases. The backend is nccl on CUDA, gloo on CPU (the tests run 2 gloo processes).
 """
 import os
+import tempfile
 
 import torch
 import torch.distributed as dist
@@ -49,13 +50,20 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def init(device_name: str = "auto") -> tuple:
-    """The device and, under torchrun, the process group: returns (rank, world, device)."""
+def init(device_name: str = "auto", group: bool = False) -> tuple:
+    """The device and, under torchrun, the process group: returns (rank, world, device). The one place a process
+    group is made. group=True makes one in a single process too (a world of one over a file store): FSDP2 needs a
+    group even when there is nothing to shard with (bench.py's one-GPU vit_g)."""
     device = pick_device(device_name)
-    if launched_by_torchrun() and not is_dist():
+    if (launched_by_torchrun() or group) and not is_dist():
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if launched_by_torchrun():
+            dist.init_process_group(backend)
+        else:
+            store = tempfile.NamedTemporaryFile(prefix="dinov2_pg_", delete=False).name
+            dist.init_process_group(backend, init_method=f"file://{store}", rank=0, world_size=1)
     rank, world = rank_world()
     return rank, world, device
 
