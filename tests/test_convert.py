@@ -1,4 +1,4 @@
-"""Tests of the layout conversions in vit.py (Hugging Face transformers and timm, both ways) and of hubconf.py.
+"""Tests of the layout conversions in util/weights.py (Hugging Face transformers and timm, both ways) and of hubconf.py.
 
 The names and shapes of the two foreign layouts are pinned by fixtures written from those libraries' modules
 (tests/fixtures/hf_layout.txt, tests/fixtures/timm_layout.txt), so neither library is needed here. Round trips are
@@ -126,7 +126,7 @@ def test_exported_layouts_match_the_fixtures(title):
     hf, timm = weights.hub_to_hf(sd), weights.hub_to_timm(sd)
     assert shapes(hf) == listing("hf_layout.txt")[title]
     assert shapes(timm) == listing("timm_layout.txt")[title]
-    assert (weights.checkpoint_layout(sd), weights.checkpoint_layout(hf), weights.checkpoint_layout(timm)) == ("hub", "hf", "timm")
+    assert [weights.checkpoint_layout(d) for d in (sd, hf, timm)] == ["hub", "hf", "timm"]
     config = weights.hf_config(sd)
     registers, giant = "registers" in title, "giant" in title
     assert config["model_type"] == ("dinov2_with_registers" if registers else "dinov2")
@@ -348,7 +348,7 @@ def test_convert_command_line(models, tmp_path, monkeypatch, capsys):
     assert "(timm layout): vit_small, 2 blocks, 4 registers, native grid 112 px" in out
     assert "timm.create_model('vit_small_patch14_reg4_dinov2', num_classes=0, img_size=112, depth=2)" in out
     assert weights.checkpoint_layout(torch.load(tmp_path / "timm.pth", weights_only=True)) == "timm"
-    out = run("--convert", tmp_path / "timm.pth", "--to", "hub", "--out", tmp_path / "hub.pth")
+    out = run(tmp_path / "timm.pth", "--to", "hub", "--out", tmp_path / "hub.pth")  # IN, or --convert IN
     hub = torch.load(tmp_path / "hub.pth", weights_only=True)
     assert list(hub) == list(src.state_dict())  # the released order
     assert_same_features(weights.from_pretrained(tmp_path / "hub.pth"), src, (112,))
@@ -364,8 +364,13 @@ def test_convert_command_line(models, tmp_path, monkeypatch, capsys):
         err = capsys.readouterr().err
         assert e.value.code == code and "Traceback" not in err
         return err
-    assert "--convert needs --out" in fails("--convert", tmp_path / "hub.pth", "--to", "timm", code=2)
-    assert "--to onnx: unknown layout" in fails("--convert", tmp_path / "hub.pth", "--to", "onnx", "--out", "x", code=2)
+    assert "converting needs --out" in fails("--convert", tmp_path / "hub.pth", "--to", "timm", code=2)
+    assert "--to must be one of hub, hf, timm, got 'onnx'" in fails(tmp_path / "hub.pth", "--to", "onnx", "--out", "x",
+                                                                   code=2)
+    assert "one checkpoint to convert" in fails(tmp_path / "hub.pth", "--convert", tmp_path / "hub.pth", "--out", "x",
+                                                code=2)
+    assert "unrecognized arguments: --no-such-flag" in fails("--no-such-flag", "1", code=2)  # unknown flags
+    assert "nope.pth: no such file" in fails(tmp_path / "nope.pth", "--out", tmp_path / "z.pth")
     (tmp_path / "notes.txt").write_text("not a checkpoint")
     err = fails("--convert", tmp_path / "notes.txt", "--to", "hub", "--out", tmp_path / "y.pth")
     assert re.search(r"^error: could not read .*notes.txt as a checkpoint: it is a text file", err)

@@ -6,7 +6,6 @@ Run: python -m pytest -q tests/test_vit.py
 """
 import math
 import re
-import sys
 from pathlib import Path
 
 import pytest
@@ -487,7 +486,7 @@ def test_meta_build_then_init_weights():
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# FLOPs and the command line
+# FLOPs (the command line is util.weights', tested in test_convert.py)
 
 
 @pytest.mark.parametrize("kwargs", [{}, {"ffn_layer": "swiglu", "num_register_tokens": 4}])
@@ -502,16 +501,6 @@ def test_flops_per_image_matches_a_flop_counter(kwargs):
             z = z + blk.ls1(blk.attn(blk.norm1(z), return_attention=True)[0])
             z = z + blk.ls2(blk.mlp(blk.norm2(z)))
     assert model.flops_per_image(224, 308) == counter.get_total_flops()
-
-
-def test_command_line_prints_params_and_flops(monkeypatch, capsys):
-    monkeypatch.setattr(sys, "argv", ["vit.py", "--arch", "vit_s", "--size", "224"])
-    weights.main()
-    out = capsys.readouterr().out
-    assert "22,056,576 parameters" in out and "12.25 GFLOPs per 224x224 image" in out
-    monkeypatch.setattr(sys, "argv", ["vit.py", "--no-such-flag", "1"])
-    with pytest.raises(SystemExit):  # unknown flags are rejected
-        weights.main()
 
 
 def test_activation_checkpointing_gives_the_same_gradients():

@@ -1,24 +1,22 @@
+"""What a training run needs, worked out before anything is built: parameters, FLOPs, memory per device.
+
+The paper trains ViT-g/14 with FSDP on A100s (§5, "Efficient implementation"); whether a run fits is a sum of a few
+terms counted exactly (parameters, optimizer state) or from a closed form (activations, prototype logits). Nothing
+here allocates: parameters are counted on the meta device, everything else is arithmetic.
+
+    resolve_device_type, count_parameters   the device planned for; the student's parameters (the teacher: a copy)
+    PEAK_BF16_TFLOPS, peak_flops, flops_per_image   what MFU divides by; training FLOPs per image
+    block_activation_bytes   what autograd keeps per token per transformer block (the closed form, derived there)
+    estimate, format_estimate, compact_estimate   every term per device; the `--dry-run` table; a real run's line
+    device_memory, fits      what the device holds; (fits?, advice): the flags that would bring the total under it
+    dry_run, check_fits      `python train.py --dry-run`; the check before a real run allocates
+
+Run: python train.py --arch vit_g --dry-run --nproc 32 --strategy fsdp --device cuda
 """
-plan.py: what a training run needs, worked out before anything is built: parameters, FLOPs, memory per device.
-
-The paper trains ViT-g/14 with FSDP on A100s (§5, "Efficient implementation"); whether a run fits is a sum of a
-few terms that can be counted exactly (parameters, optimizer state) or from a closed form (activations, prototype
-logits). Nothing here allocates: parameters are counted on the meta device, everything else is arithmetic.
-
-Reading order:
-    count_parameters   backbone and heads of the student (the teacher is a copy), built on the meta device
-    block_activation_bytes   what autograd keeps per token per transformer block (the closed form, derived below)
-    estimate           every term of the memory per device, FLOPs per image and per step
-    format_estimate    the table `--dry-run` prints; compact_estimate, the line a real run prints
-    device_memory      what the device holds (CUDA: total memory; CPU: available RAM)
-    fits               (fits?, advice): the flags that would bring the total under the device's memory
-    dry_run            `python train.py --dry-run`: print and exit
-
-Run:
-    python train.py --arch vit_g --dry-run --nproc 32 --strategy fsdp --device cuda
-"""
+import bisect
 import dataclasses
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -34,8 +32,7 @@ GPU_SIZES = {"A100 40GB": 40, "A100/H100 80GB": 80, "H200 141GB": 141}  # the fi
 
 
 def resolve_device_type(cfg):
-    """"cuda", "mps" or "cpu": --device's type (it need not be on this machine: a dry run may plan for CUDA on a
-    laptop), or what distributed.pick_device chooses for "auto"."""
+    """--device's type (a dry run may plan for CUDA on a laptop), or what pick_device chooses for "auto"."""
     return pick_device().type if cfg.device == "auto" else torch.device(cfg.device).type
 
 
@@ -67,21 +64,15 @@ def flops_per_image(backbone, cfg):
     return 3 * (2 * g + cfg.n_local * l) + 2 * g
 
 
-
 def block_activation_bytes(D, F, H, act, res, ffn="mlp", drop_path=0.0):
-    """Bytes autograd keeps for backward, per token, in one pre-norm block (vit.Block) in training.
-
-    act = bytes of an activation fed to a matmul (2 under bf16 autocast or bf16 parameters, 4 in fp32); res = bytes
-    of the residual stream (fp32 under autocast, which runs LayerNorm and LayerScale's product in fp32).
-      attention branch: norm1 input (res) + the Linear's input (act) + q, k, v (3 act) + the attention output, which
-        is also proj's input (act) + proj's output, LayerScale's input (act): (res + 6 act) D, plus the fused
-        kernel's logsumexp (4 bytes per head)
-      FFN branch: norm2 input (res) + fc1's input (act) + fc2's output, LayerScale's input (act): (res + 2 act) D;
-        MLP: GELU's input and output, F each; SwiGLU: w12's output (2F), silu's output (F), the product (F)
-    Efficient stochastic depth (rate > 0.1, vit.drop_add_residual_stochastic_depth) runs each branch on (1 - p) of
-    the batch, and index_add keeps the branch's output (res bytes) as well.
-    fp32 MLP: 40 D + 8 F bytes = 72 D; bf16: 24 D + 4 F = 40 D (checked against autograd's saved tensors in tests).
-    """
+    """Bytes autograd keeps for backward, per token, in one pre-norm block (vit.Block) in training. act: bytes of a
+    matmul's input (2 in bf16, 4 in fp32); res: of the residual stream (fp32 under autocast: LayerNorm, LayerScale).
+      attention: norm1's input (res), qkv's input, q, k, v, proj's input and output (LayerScale's input): (res + 6 act)
+        D, plus the fused kernel's logsumexp (4 bytes per head)
+      FFN: norm2's input (res), fc1's input, fc2's output: (res + 2 act) D; MLP: GELU's input and output (F each);
+        SwiGLU: w12's output (2F), silu's output (F), the product (F)
+    Efficient stochastic depth (rate > 0.1) runs each branch on (1 - p) of the batch; index_add keeps its output too.
+    fp32 MLP: 40 D + 8 F bytes = 72 D; bf16: 24 D + 4 F = 40 D (checked against autograd's saved tensors in tests)."""
     hidden = (2 if ffn == "mlp" else 4) * F * act
     per_token = (2 * res + 8 * act) * D + hidden + 4 * H
     if drop_path > 0.1:
@@ -90,9 +81,8 @@ def block_activation_bytes(D, F, H, act, res, ffn="mlp", drop_path=0.0):
 
 
 def estimate(cfg, counts, world=None, device_type=None):
-    """Parameters, FLOPs and memory per device (bytes) of `python train.py` with this Config on `world` processes
-    of `device_type` (default: cfg.nproc or 1, and the device cfg.device resolves to), given the student's
-    parameter counts (count_parameters). Nothing is allocated."""
+    """Parameters, FLOPs and memory per device (bytes) of `python train.py` with this Config and count_parameters'
+    counts, on `world` processes (default: cfg.nproc or 1) of `device_type` (default: cfg.device's)."""
     world = world or cfg.nproc or 1
     device_type = device_type or resolve_device_type(cfg)
     backbone = counts["model"].backbone
@@ -103,11 +93,9 @@ def estimate(cfg, counts, world=None, device_type=None):
     shard = world if strategy == "fsdp" else 1
     act = 2 if bf16 else 4
     res = 2 if (bf16 and strategy == "fsdp") else 4  # FSDP's bf16 parameters make the whole stream bf16
-    fused = device_type == "cuda"
 
     # --- tokens of one rank's batch
-    B, L, p = cfg.batch_size, cfg.n_local, cfg.patch_size
-    R = cfg.num_registers
+    B, L, p, R = cfg.batch_size, cfg.n_local, cfg.patch_size, cfg.num_registers
     n_g, n_l = (cfg.global_size // p) ** 2, (cfg.local_size // p) ** 2  # patches per crop
     tok_g, tok_l = 2 * B * (1 + R + n_g), L * B * (1 + R + n_l)  # tokens through the student
     masked = 2 * B * cfg.mask_probability * (sum(cfg.mask_ratio) / 2) * n_g  # M: expected masked patches
@@ -145,10 +133,8 @@ def estimate(cfg, counts, world=None, device_type=None):
     logits = max(forward_end, backward_start)
 
     # --- state, per device
-    weights = 4 * P / shard
-    grads = 4 * P / shard
-    adamw = 8 * P / shard
-    teacher_w = 4 * P / shard
+    weights = grads = teacher_w = 4 * P / shard  # fp32 each
+    adamw = 8 * P / shard  # two fp32 moments
     if strategy == "fsdp":  # one unit gathered in compute precision, the next prefetched, its grad and reduce buffer
         extra_name = "FSDP2 gathered units"
         extra = counts["largest_unit"] * (2 * act + act + 4)
@@ -158,7 +144,7 @@ def estimate(cfg, counts, world=None, device_type=None):
     else:
         extra_name = "autocast bf16 weight copies" if bf16 else "-"
         extra = 2 * P if bf16 else 0
-    optimizer_transient = 0 if fused else 4 * P / shard  # the foreach AdamW's sqrt(v) temporaries
+    optimizer_transient = 0 if device_type == "cuda" else 4 * P / shard  # foreach (not fused) AdamW's sqrt(v)
 
     # peak: the start of backward (activations, logits, the heads' first gradients) or the end (every gradient and
     # the optimizer step's temporaries), on top of what persists
@@ -168,9 +154,9 @@ def estimate(cfg, counts, world=None, device_type=None):
     runtime = RUNTIME_BYTES.get(device_type, 0.5 * GiB)
 
     # --- FLOPs (model FLOPs, as MFU counts them: a recomputed forward is not useful work)
-    g = backbone.flops_per_image(cfg.global_size, cfg.global_size)
-    lc = backbone.flops_per_image(cfg.local_size, cfg.local_size) if L else 0
     flops_backbone = flops_per_image(backbone, cfg)  # 3 x student (fwd + bwd) on every crop + teacher fwd
+    # checkpointing recomputes the student's forward on every crop: a third of the first term, exactly
+    recompute = (flops_backbone - 2 * backbone.flops_per_image(cfg.global_size, cfg.global_size)) // 3
     model = counts["model"]
     # a row through a head: 2 FLOPs per weight of its Linears (the weight-norm scale g is not a matmul)
     per_row = lambda head: 2 * sum(w.numel() for n, w in head.named_parameters()
@@ -181,12 +167,11 @@ def estimate(cfg, counts, world=None, device_type=None):
     flops_image = flops_backbone + flops_heads
     return dict(
         cfg=cfg, counts=counts, world=world, device_type=device_type, strategy=strategy,
-        dtype="bf16" if bf16 else "fp32",
-        params=counts["parts"], params_total=P,
+        dtype="bf16" if bf16 else "fp32", params=counts["parts"], params_total=P,
         tokens=dict(global_crop=1 + R + n_g, local_crop=1 + R + n_l, masked=masked, per_step=tokens),
         flops=dict(backbone_per_image=flops_backbone, heads_per_image=flops_heads, per_image=flops_image,
                    per_device_step=flops_image * B, per_global_step=flops_image * B * world,
-                   recompute_per_image=(2 * g + L * lc) if cfg.activation_checkpointing else 0),
+                   recompute_per_image=recompute if cfg.activation_checkpointing else 0),
         memory=dict(weights=weights, gradients=grads, adamw=adamw, teacher=teacher_w, extra=extra,
                     extra_name=extra_name, optimizer_transient=optimizer_transient,
                     activations_full=act_full + heads_act, activations_ckpt=act_ckpt + heads_act,
@@ -194,22 +179,28 @@ def estimate(cfg, counts, world=None, device_type=None):
     )
 
 
-def _gib(x):
-    return f"{x / GiB:8.2f}"
-
-
 def format_estimate(est):
     """The table `--dry-run` prints: parameters, FLOPs, and each term of the memory per device."""
-    cfg, m, f = est["cfg"], est["memory"], est["flops"]
-    t = est["tokens"]
-    p = est["params"]
+    cfg, m, f, t = est["cfg"], est["memory"], est["flops"], est["tokens"]
+    this_run = lambda ckpt: "   <- this run" if ckpt == cfg.activation_checkpointing else ""
+    rows = [("student weights (fp32 master)", m["weights"], ""),
+            ("gradients (fp32)", m["gradients"], ""),
+            ("AdamW moments (fp32, 2 per weight)", m["adamw"], ""),
+            ("teacher weights (fp32)", m["teacher"], ""),
+            (m["extra_name"], m["extra"], ""),
+            ("activations, no checkpointing", m["activations_full"], this_run(False)),
+            ("activations, checkpointing", m["activations_ckpt"], this_run(True)),
+            ("prototype logits (DINO + iBOT)", m["logits"], ""),
+            (f"runtime ({est['device_type']} context, libraries)", m["runtime"], ""),
+            ("peak total", m["total"], "")]
     lines = [
         f"plan: {cfg.arch}, {est['world']} x {est['device_type']} ({est['strategy']}, {est['dtype']}), batch "
         f"{cfg.batch_size} per device (global {cfg.batch_size * est['world']}), crops 2x{cfg.global_size} + "
         f"{cfg.n_local}x{cfg.local_size} px ({t['global_crop']} + {t['local_crop']} tokens), ~{t['masked']:.0f} "
         f"masked patches per step",
         "parameters (student; the teacher is the same): "
-        + ", ".join(f"{k} {v / 1e6:,.1f}M" for k, v in p.items()) + f", total {est['params_total'] / 1e6:,.1f}M",
+        + ", ".join(f"{k} {v / 1e6:,.1f}M" for k, v in est["params"].items())
+        + f", total {est['params_total'] / 1e6:,.1f}M",
         f"FLOPs per image (train: student fwd+bwd on every crop, teacher fwd on the globals): "
         f"{f['per_image'] / 1e9:,.1f} GFLOP (backbone {f['backbone_per_image'] / 1e9:,.1f}, heads "
         f"{f['heads_per_image'] / 1e9:,.1f}); per device step {f['per_device_step'] / 1e12:,.2f} TFLOP, per global "
@@ -218,18 +209,7 @@ def format_estimate(est):
            if f["recompute_per_image"] else ""),
         f"memory per device ({'sharded over ' + str(est['world']) if est['strategy'] == 'fsdp' else 'replicated'}):"
         f"       GiB",
-        f"  student weights (fp32 master)        {_gib(m['weights'])}",
-        f"  gradients (fp32)                     {_gib(m['gradients'])}",
-        f"  AdamW moments (fp32, 2 per weight)   {_gib(m['adamw'])}",
-        f"  teacher weights (fp32)               {_gib(m['teacher'])}",
-        f"  {m['extra_name']:<37}{_gib(m['extra'])}",
-        f"  activations, no checkpointing        {_gib(m['activations_full'])}"
-        + ("" if cfg.activation_checkpointing else "   <- this run"),
-        f"  activations, checkpointing           {_gib(m['activations_ckpt'])}"
-        + ("   <- this run" if cfg.activation_checkpointing else ""),
-        f"  prototype logits (DINO + iBOT)       {_gib(m['logits'])}",
-        f"  {'runtime (' + est['device_type'] + ' context, libraries)':<37}{_gib(m['runtime'])}",
-        f"  peak total                           {_gib(m['total'])}",
+        *(f"  {name:<37}{value / GiB:8.2f}{mark}" for name, value, mark in rows),
         "  (peak = what persists + the larger of: activations + logits at the start of backward, every gradient"
         + (" + foreach AdamW temporaries" if m["optimizer_transient"] else "") + " at the end)",
     ]
@@ -260,13 +240,9 @@ def device_memory(device):
     if device.type == "mps":
         return torch.mps.recommended_max_memory()
     try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return int(re.search(r"^MemAvailable:\s+(\d+) kB", Path("/proc/meminfo").read_text(), re.M)[1]) * 1024
+    except (OSError, TypeError):  # no /proc (macOS), or no MemAvailable line (re.search gave None)
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def fits(est, device):
@@ -278,55 +254,45 @@ def fits(est, device):
         return True, ""
     cfg, world, dev = est["cfg"], est["world"], est["device_type"]
     total_of = lambda c, w=world: estimate(c, est["counts"], w, dev)["memory"]["total"]
-    options = []
-
-    def option(text, t):
-        options.append(f"{text} (~{t / GiB:.1f} GiB{', fits' if t <= capacity else ''})")
-
-    if est["strategy"] != "fsdp" and world > 1:
-        option("--strategy fsdp", total_of(dataclasses.replace(cfg, strategy="fsdp")))
+    first_fit = lambda c, worlds: next((n for n in worlds if total_of(c, n) <= capacity), None)
     fsdp = dataclasses.replace(cfg, strategy="fsdp")
-    if dev == "cuda" and total_of(fsdp) > capacity:  # more GPUs shard the state further (more CPU processes on
-        more = next((n for n in (2, 4, 8, 16, 32, 64, 128, 256, 512)  # one machine would not help)
-                     if n > world and total_of(fsdp, n) <= capacity), None)
+    ckpt = dataclasses.replace(cfg, activation_checkpointing=True)
+    options = []  # (flags, the total with them)
+    if est["strategy"] != "fsdp" and world > 1:
+        options.append(("--strategy fsdp", total_of(fsdp)))
+    if dev == "cuda" and total_of(fsdp) > capacity:  # more GPUs shard the state further (more CPU processes on one
+        more = first_fit(fsdp, [n for n in (2, 4, 8, 16, 32, 64, 128, 256, 512) if n > world])  # machine would not)
         if more:
-            option(f"{more} GPUs with --strategy fsdp", total_of(fsdp, more))
-    ckpt = cfg if cfg.activation_checkpointing else dataclasses.replace(cfg, activation_checkpointing=True)
+            options.append((f"{more} GPUs with --strategy fsdp", total_of(fsdp, more)))
     if not cfg.activation_checkpointing:
-        option("--activation-checkpointing", total_of(ckpt))
+        options.append(("--activation-checkpointing", total_of(ckpt)))
     if total_of(ckpt) > capacity and cfg.batch_size > 1:  # the largest batch that fits (memory grows with it)
-        low, high = 0, cfg.batch_size  # low fits (0: nothing tried yet), high does not
-        while high - low > 1:
-            mid = (low + high) // 2
-            low, high = (mid, high) if total_of(dataclasses.replace(ckpt, batch_size=mid)) <= capacity else (low, mid)
+        batch = lambda b: dataclasses.replace(ckpt, batch_size=b)
+        low = bisect.bisect(range(1, cfg.batch_size), False, key=lambda b: total_of(batch(b)) > capacity)
         if low:
-            option(f"--batch-size {low}" + ("" if cfg.activation_checkpointing else " with it"),
-                   total_of(dataclasses.replace(ckpt, batch_size=low)))
-    if not any(o.endswith("fits)") for o in options):  # no single change is enough: combine them
+            options.append((f"--batch-size {low}" + ("" if cfg.activation_checkpointing else " with it"),
+                            total_of(batch(low))))
+    advice = [f"{text} (~{t / GiB:.1f} GiB{', fits' if t <= capacity else ''})" for text, t in options]
+    if all(t > capacity for _, t in options):  # no single change is enough: combine them
         both = dataclasses.replace(ckpt, strategy="fsdp")
-        more = next((n for n in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512) if n >= world and
-                     (dev == "cuda" or n == world) and total_of(both, n) <= capacity), None)
-        if more:
-            option(f"{more} {'GPUs' if dev == 'cuda' else 'processes'} with --strategy fsdp "
-                   f"--activation-checkpointing", total_of(both, more))
-        else:
-            options.append("nothing listed here fits: a smaller --arch, --batch-size, --n-prototypes or crops")
-    where = f"{capacity / GiB:.1f} GiB" if isinstance(device, int) else f"{capacity / GiB:.1f} GiB on {device}"
-    advice = (f"the run needs ~{total / GiB:.1f} GiB per device, more than the {where}; "
-              f"try: " + "; ".join(options))
-    return False, advice
+        more = first_fit(both, [n for n in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+                                if n >= world and (dev == "cuda" or n == world)])
+        advice.append(f"{more} {'GPUs' if dev == 'cuda' else 'processes'} with --strategy fsdp --activation-"
+                      f"checkpointing (~{total_of(both, more) / GiB:.1f} GiB, fits)" if more else
+                      "nothing listed here fits: a smaller --arch, --batch-size, --n-prototypes or crops")
+    where = f"{capacity / GiB:.1f} GiB" + ("" if isinstance(device, int) else f" on {device}")
+    return False, f"the run needs ~{total / GiB:.1f} GiB per device, more than the {where}; try: " + "; ".join(advice)
 
 
 def dry_run(cfg, model, make_schedules):
-    """`python train.py --dry-run`: the estimate for cfg.nproc processes (0: torchrun's WORLD_SIZE, else 1) of
-    cfg.device, printed by rank 0, and the schedules drawn in <out>/schedules.png; returns 0. `model`: the student
-    on the meta device (train.meta_model); make_schedules: train.make_schedules."""
+    """`python train.py --dry-run`: rank 0 prints the estimate for cfg.nproc processes (0: torchrun's WORLD_SIZE) and
+    draws the schedules in <out>/schedules.png. model: train.meta_model(cfg); make_schedules: train's."""
     world = cfg.nproc or int(os.environ.get("WORLD_SIZE", "1"))
     est = estimate(cfg, count_parameters(model), world)
     if int(os.environ.get("RANK", "0")) != 0:  # no process group yet: torchrun's RANK tells
         return 0
     print(format_estimate(est))
-    here = resolve_device_type(dataclasses.replace(cfg, device="auto"))
+    here = pick_device().type
     if est["device_type"] == here:  # the device this machine has: say whether it fits, and what would
         ok, advice = fits(est, torch.device(here))
         print(f"fits this machine's {here}: " + ("yes" if ok else f"no; {advice}"))

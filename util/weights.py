@@ -1,15 +1,20 @@
-"""DINOv2 weights as files: reading any checkpoint file, and the same tensors in the released, Hugging Face and timm
-layouts.
+"""DINOv2 weights as files: any checkpoint read, the same tensors in the released, Hugging Face and timm layouts.
 
-vit.py's loaders (from_pretrained, load_pretrained, export) read and write through this file; nothing here builds a
-model or imports transformers or timm: the layouts are tables of names and a few reshapes.
+The paper's models (ViT-g and the ViT-S/B/L distilled from it, §5) are released as torch.hub backbones, and
+transformers and timm carry the same weights under other names: their layouts here are tables of names and a few
+reshapes (neither library is imported), read into the hub layout of vit.py and written back.
 
-    read_checkpoint                     a torch file, a .safetensors file or a Hugging Face folder -> its tensors,
-                                        with an error that says what is wrong with a file that is not one
+    read_checkpoint                     a torch / .safetensors file or a Hugging Face folder -> tensors, or why not
     LAYOUTS, checkpoint_layout          which layout a state dict is in
     hub_to_hf, hf_to_hub                the released hub names <-> transformers' Dinov2Model / ...WithRegisters
     hub_to_timm, timm_to_hub            the released hub names <-> timm's vit_*_patch14_dinov2
     hf_config, timm_create_call         the config.json / timm.create_model call that fits a state dict
+    export                              a backbone written in one layout (hubconf.py: the torch.hub entry points)
+    backbone_state_dict_from            any checkpoint, wrapped or prefixed, -> the backbone in the hub layout
+    from_pretrained                     the model a checkpoint describes, loaded
+    Config, main                        the command line: a checkpoint converted to another layout
+
+Run: python -m util.weights teacher_backbone.pth --to hf --out dinov2-hf   (or --convert IN; --help lists the flags)
 """
 import json
 import math
@@ -21,12 +26,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 
 from util import cli
 from util.checkpoint import atomic_save, atomic_write, atomic_write_text
 from util.cli import MissingFile, UserError, arg
-from vit import ARCH_BY_WIDTH, ARCHS, build_model, load_pretrained
+from vit import ARCH_BY_WIDTH, build_model, load_pretrained
+
 
 def _list_keys(keys, limit=12):
     keys = sorted(keys)
@@ -34,21 +39,20 @@ def _list_keys(keys, limit=12):
     return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
 
 
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Reading checkpoint files: torch files, .safetensors files and Hugging Face folders
 
 
-def _safetensors(why):
-    """The safetensors.torch module. safetensors is optional (only .safetensors files and Hugging Face folders need
-    it), so its absence is a clear error that names the package."""
+def _safetensors(why=""):
+    """safetensors.torch, an optional package (.safetensors files need it). Without it: None, or with `why` given an
+    ImportError that names the package."""
     try:
         import safetensors.torch
+        return safetensors.torch
     except ImportError:
-        raise ImportError(f"{why} needs the safetensors package, which is not installed: pip install safetensors"
-                          ) from None
-    return safetensors.torch
+        if why:
+            raise ImportError(f"{why} needs the safetensors package, which is not installed: pip install "
+                              f"safetensors") from None
 
 
 def _read_hf_folder(folder):
@@ -73,17 +77,13 @@ def _read_hf_folder(folder):
     if not present:
         raise UserError(f"{folder}: config.json but no weights (model.safetensors, pytorch_model.bin or a sharded "
                         f".index.json); the folder holds: {_list_keys(p.name for p in folder.iterdir())}")
-    try:
-        _safetensors("")
-    except ImportError:  # without the package, a folder that also has the torch files (hub repos often do) uses them
+    if _safetensors() is None:  # without the package, the torch files of a folder that has both (hub repos often do)
         present = [name for name in present if "safetensors" not in name] or present
     path = folder / present[0]
-    if path.name.endswith(".index.json"):  # sharded: {"weight_map": {tensor name: shard file name}}
-        sd = {}
-        for shard in sorted(set(json.loads(path.read_text())["weight_map"].values())):
-            sd.update(read_checkpoint(folder / shard))
-        return sd
-    return read_checkpoint(path)
+    if not path.name.endswith(".index.json"):
+        return read_checkpoint(path)
+    shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))  # {tensor name: shard file name}
+    return {k: v for shard in shards for k, v in read_checkpoint(folder / shard).items()}
 
 
 def _what_is_wrong(path, err) -> str:
@@ -108,10 +108,8 @@ def _what_is_wrong(path, err) -> str:
 
 
 def read_checkpoint(path, mmap=False):
-    """What a path holds, on the CPU: a Hugging Face folder's state dict, a .safetensors file's (through the
-    safetensors package), or whatever torch.load reads with weights_only=True (.pth, .pt, .bin). A path that is
-    missing, a training checkpoint folder, or a file that is empty, text, truncated or corrupt is a UserError that
-    names the file and what is wrong with it. mmap: map the tensors instead of reading them (big files)."""
+    """What a path holds, on the CPU (torch.load with weights_only=True for .pth/.pt/.bin; mmap: map the tensors, for
+    big files), or a UserError that names the file and what is wrong with it."""
     path = Path(path)
     if not path.exists():
         raise MissingFile(f"{path}: no such file or folder")
@@ -122,10 +120,9 @@ def read_checkpoint(path, mmap=False):
                             f"train.py exports beside it (rerun the same train.py command to rebuild them)")
         return _read_hf_folder(path)
     if path.suffix == ".safetensors":
+        st = _safetensors(f"reading {path}")
         try:
-            return _safetensors(f"reading {path}").load_file(str(path), device="cpu")
-        except ImportError:
-            raise
+            return st.load_file(str(path), device="cpu")
         except Exception as e:  # safetensors' own header and size checks (SafetensorError is an Exception)
             raise UserError(f"could not read {path}: the .safetensors file is corrupt or truncated ({e})") from e
     try:
@@ -147,14 +144,12 @@ _HF_TOP = {"cls_token": "embeddings.cls_token", "mask_token": "embeddings.mask_t
 _HF_BLOCK = {"norm1": "norm1", "attn.proj": "attention.output.dense", "ls1.gamma": "layer_scale1.lambda1",
              "norm2": "norm2", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2", "mlp.w12": "mlp.weights_in",
              "mlp.w3": "mlp.weights_out", "ls2.gamma": "layer_scale2.lambda1"}
-# Reading also takes the names of transformers 5's refactored modules: its SwiGLU is Llama-style (gate_proj = the
-# gated half x1 of w12, up_proj = x2, down_proj = w3); q/k/v/o_proj, the attention names of its other refactored
-# vision models (DINOv3), are taken in case its DINOv2 attention adopts them. Export writes the 4.x names, which
-# 5.x reads too (the DINOv2 files on the hub carry them).
+# Reading also takes transformers 5's names: its SwiGLU is Llama-style (gate_proj = the gated half x1 of w12, up_proj
+# = x2, down_proj = w3); q/k/v/o_proj, the attention names of its other refactored vision models (DINOv3), in case
+# its DINOv2 adopts them. Export writes the 4.x names, which 5.x reads too (the DINOv2 files on the hub carry them).
 _HF_BLOCK_READ = {**{hf: hub for hub, hf in _HF_BLOCK.items()}, "attention.o_proj": "attn.proj",
                   "mlp.down_proj": "mlp.w3"}
-# HF names that are row blocks of one hub tensor: HF name -> (hub name, index, count), concatenated along dim 0.
-# attn.qkv's rows are [q; k; v] (the (3, H, Dh) split in Attention).
+# HF name -> (hub name, index, count): row blocks of one hub tensor, on dim 0; attn.qkv's rows are [q; k; v].
 _HF_PARTS = {"attention.attention.query": ("attn.qkv", 0, 3), "attention.attention.key": ("attn.qkv", 1, 3),
              "attention.attention.value": ("attn.qkv", 2, 3), "attention.q_proj": ("attn.qkv", 0, 3),
              "attention.k_proj": ("attn.qkv", 1, 3), "attention.v_proj": ("attn.qkv", 2, 3),
@@ -164,6 +159,7 @@ LAYOUTS = ("the released hub layout (cls_token, pos_embed, mask_token, patch_emb
            "transformers' Dinov2Model / Dinov2WithRegistersModel (embeddings.*, encoder.layer.<i>.*, layernorm.*, "
            "maybe under dinov2.); timm's vit_*_patch14_dinov2 (cls_token, reg_token, pos_embed, blocks.<i>.*, "
            "no mask_token)")
+_VIT_KEYS = {"cls_token", "pos_embed", "patch_embed.proj.weight"}  # what every layout has, in hub names
 
 
 def _rename(name, table):
@@ -185,16 +181,12 @@ def _packed_swiglu(sd, i):
 
 
 def _with_layerscale(sd):
-    """sd plus a gamma of ones (the identity) for each missing LayerScale: transformers' and timm's DINOv2 blocks
-    always have one, so a model built with init_values=None still exports to them."""
+    """sd plus an identity LayerScale (gamma of ones) where none is: transformers' and timm's blocks always have one."""
     out, D = dict(sd), sd["cls_token"].shape[-1]
     for i in _block_ids(sd):
         for name in ("ls1.gamma", "ls2.gamma"):
             out.setdefault(f"blocks.{i}.{name}", torch.ones(D, dtype=sd["cls_token"].dtype))
     return out
-
-
-_VIT_KEYS = {"cls_token", "pos_embed", "patch_embed.proj.weight"}  # what every layout has, in hub names
 
 
 def checkpoint_layout(sd):
@@ -210,8 +202,7 @@ def checkpoint_layout(sd):
 
 
 def hub_to_hf(sd):
-    """Hub layout -> transformers' Dinov2Model layout (Dinov2WithRegistersModel's when there are register tokens):
-    renames (_HF_TOP, _HF_BLOCK), and each attn.qkv cut into its query, key and value rows."""
+    """Hub layout -> transformers' Dinov2Model (...WithRegistersModel) layout; attn.qkv cut into query, key, value."""
     out = {}
     for k, v in _with_layerscale(sd).items():
         block = re.match(r"blocks\.(\d+)\.(.+)", k)
@@ -229,9 +220,8 @@ def hub_to_hf(sd):
 
 
 def hf_to_hub(sd):
-    """transformers' Dinov2Model / Dinov2WithRegistersModel layout (4.x or 5.x names, dinov2. prefix removed) ->
-    hub layout: the inverse of hub_to_hf. A checkpoint without mask token (use_mask_token=False) gets a zero one: it
-    only replaces masked patches in iBOT training, never at inference."""
+    """The inverse of hub_to_hf (4.x or 5.x names, dinov2. prefix removed). A checkpoint without mask token
+    (use_mask_token=False) gets a zero one: it only replaces masked patches in iBOT training, never at inference."""
     out, parts, unknown = {}, {}, []
     for k, v in sd.items():
         block = re.match(r"encoder\.layer\.(\d+)\.(.+)", k)
@@ -258,10 +248,9 @@ def hf_to_hub(sd):
 
 
 def hub_to_timm(sd):
-    """Hub layout -> timm's vit_*_patch14_dinov2 / vit_*_patch14_reg4_dinov2 layout, the same as timm's own conversion
-    of the released files: w12/w3 -> fc1/fc2 unchanged (timm's SwiGLUPacked also gates the first half of fc1); no
-    mask_token (timm's ViT has none); with registers, register_tokens -> reg_token and the cls position folded into
-    cls_token, since those timm models (no_embed_class) give position embeddings to the patches only."""
+    """Hub layout -> timm's vit_*_patch14_(reg4_)dinov2, as timm converts the released files: w12/w3 -> fc1/fc2
+    (its SwiGLUPacked gates the first half of fc1 too); no mask_token; with registers, reg_token, and the cls position
+    folded into cls_token, since those models (no_embed_class) give position embeddings to the patches only."""
     registers = "register_tokens" in sd
     out = {}
     for k, v in _with_layerscale(sd).items():
@@ -277,10 +266,9 @@ def hub_to_timm(sd):
 
 
 def timm_to_hub(sd):
-    """timm's DINOv2 layout -> hub layout: the inverse of hub_to_timm. A pos_embed without cls position (a square
-    count: no_embed_class) gets a zero one, and cls_token, which holds that position, stays as it is: the tokens that
-    enter block 0 are then exactly timm's, at every input size. timm keeps no mask token; it is filled with zeros (it
-    only replaces masked patches in iBOT training, never at inference)."""
+    """The inverse of hub_to_timm. A pos_embed without cls position (no_embed_class) gets a zero one and cls_token,
+    which holds it, stays: block 0 then sees exactly timm's tokens, at every input size. The missing mask token is
+    zeros (it only replaces masked patches in iBOT training, never at inference)."""
     D = sd["cls_token"].shape[-1]
     out = {}
     for k, v in sd.items():
@@ -296,37 +284,31 @@ def timm_to_hub(sd):
 
 
 def _describe(sd):
-    """(arch, depth, registers, native img_size, patch size) of a hub-layout state dict."""
-    p = sd["patch_embed.proj.weight"].shape[-1]
-    return (ARCH_BY_WIDTH.get(sd["cls_token"].shape[-1], "?"), len(_block_ids(sd)),
+    """(arch, width, depth, registers, native img_size, patch size) of a hub-layout state dict."""
+    D, p = sd["cls_token"].shape[-1], sd["patch_embed.proj.weight"].shape[-1]
+    return (ARCH_BY_WIDTH.get(D, "?"), D, len(_block_ids(sd)),
             sd["register_tokens"].shape[1] if "register_tokens" in sd else 0,
             math.isqrt(sd["pos_embed"].shape[1] - 1) * p, p)
 
 
 def hf_config(sd):
-    """config.json for transformers' Dinov2Model (Dinov2WithRegistersModel with registers) holding a hub-layout state
-    dict; the fields are those of its Dinov2Config / Dinov2WithRegistersConfig."""
-    D = sd["cls_token"].shape[-1]
-    _, depth, R, img_size, p = _describe(sd)
+    """config.json (the fields of Dinov2Config / Dinov2WithRegistersConfig) for a hub-layout state dict."""
+    _, D, depth, R, img_size, p = _describe(sd)
     swiglu = "blocks.0.mlp.w12.weight" in sd
-    if swiglu:
-        # transformers sizes its SwiGLU from mlp_ratio by the released rule (as SwiGLUFFN here); ratio 4 is ViT-g's
-        mlp_ratio = 4
-        if (int(D * mlp_ratio * 2 / 3) + 7) // 8 * 8 != sd["blocks.0.mlp.w3.weight"].shape[1]:
-            raise ValueError(f"SwiGLU hidden width {sd['blocks.0.mlp.w3.weight'].shape[1]} is not the one "
-                             f"transformers derives from mlp_ratio 4 at width {D}")
-    else:
-        mlp_ratio = sd["blocks.0.mlp.fc1.weight"].shape[0] / D
-        mlp_ratio = int(mlp_ratio) if mlp_ratio.is_integer() else mlp_ratio
+    # transformers sizes its SwiGLU from mlp_ratio by the released rule (as SwiGLUFFN here); ratio 4 is ViT-g's
+    if swiglu and (int(D * 4 * 2 / 3) + 7) // 8 * 8 != sd["blocks.0.mlp.w3.weight"].shape[1]:
+        raise ValueError(f"SwiGLU hidden width {sd['blocks.0.mlp.w3.weight'].shape[1]} is not the one "
+                         f"transformers derives from mlp_ratio 4 at width {D}")
+    mlp_ratio = 4.0 if swiglu else sd["blocks.0.mlp.fc1.weight"].shape[0] / D
+    mlp_ratio = int(mlp_ratio) if mlp_ratio.is_integer() else mlp_ratio
     config = {
         "architectures": ["Dinov2WithRegistersModel" if R else "Dinov2Model"],
         "model_type": "dinov2_with_registers" if R else "dinov2",
         "hidden_size": D, "num_hidden_layers": depth, "num_attention_heads": D // 64,  # heads of 64 dims throughout
         "mlp_ratio": mlp_ratio, "use_swiglu_ffn": swiglu, "hidden_act": "gelu",  # exact (erf) GELU, as nn.GELU
         "layer_norm_eps": 1e-6, "image_size": img_size, "patch_size": p, "num_channels": 3, "qkv_bias": True,
-        "layerscale_value": 1.0, "drop_path_rate": 0.0, "hidden_dropout_prob": 0.0,
-        "attention_probs_dropout_prob": 0.0, "initializer_range": 0.02,
-        "torch_dtype": str(sd["cls_token"].dtype).removeprefix("torch."),
+        "layerscale_value": 1.0, "drop_path_rate": 0.0, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,
+        "initializer_range": 0.02, "torch_dtype": str(sd["cls_token"].dtype).removeprefix("torch."),
     }
     config.update({"num_register_tokens": R} if R else {"use_mask_token": True})
     return config
@@ -335,8 +317,7 @@ def hf_config(sd):
 def timm_create_call(sd):
     """The timm.create_model(...) call whose model loads hub_to_timm(sd) with strict=True (for the FFN each arch
     has by default: MLP ratio 4, SwiGLU for ViT-g). timm has no tiny DINOv2: its small one, at width 192 and 3 heads."""
-    arch, depth, R, img_size, p = _describe(sd)
-    D = sd["cls_token"].shape[-1]
+    arch, D, depth, R, img_size, p = _describe(sd)
     size, timm_width, timm_depth = {"vit_base": ("base", 768, 12), "vit_large": ("large", 1024, 24),
                                     "vit_giant2": ("giant", 1536, 40)}.get(arch, ("small", 384, 12))
     args = [repr(f"vit_{size}_patch14_{'reg4_' if R else ''}dinov2"), "num_classes=0", f"img_size={img_size}"]
@@ -351,15 +332,12 @@ def timm_create_call(sd):
 # Writing a backbone in a layout
 
 def export(src, out, to="hub"):
-    """Write a backbone in one layout and return a line that says what was written and how to load it.
-    src: a VisionTransformer, or a state dict or path in any layout from_pretrained reads. to:
-      'hub'  -> out: a .pth of the released hub layout (the released code's load_state_dict reads it);
-      'hf'   -> out: a folder, config.json + model.safetensors, for transformers' Dinov2Model.from_pretrained
-                (Dinov2WithRegistersModel with registers); needs the safetensors package;
-      'timm' -> out: a .pth state dict for timm's vit_*_patch14_dinov2 (reg4) model, see timm_create_call."""
+    """Write a backbone (a VisionTransformer, or what from_pretrained reads) in layout `to` and return what was
+    written and how to load it. hub: a .pth the released code loads; hf: a folder, config.json + model.safetensors
+    (needs safetensors); timm: a .pth for vit_*_patch14_dinov2 (reg4), see timm_create_call."""
     if to not in ("hub", "hf", "timm"):
         raise ValueError(f"unknown layout {to!r}; known: 'hub', 'hf', 'timm'")
-    model = src if isinstance(src, nn.Module) else from_pretrained(src)  # strict: only a whole backbone is written
+    model = src if isinstance(src, torch.nn.Module) else from_pretrained(src)  # strict: only whole backbones written
     sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     out = Path(out)
     if to == "hf":
@@ -373,64 +351,18 @@ def export(src, out, to="hub"):
         atomic_save(hub_to_timm(sd) if to == "timm" else sd, out)
         load = (f"model = {timm_create_call(sd)}; model.load_state_dict(torch.load({str(out)!r}))" if to == "timm"
                 else f"model = util.weights.from_pretrained({str(out)!r})")
-    arch, depth, R, img_size, _ = _describe(sd)
+    arch, _, depth, R, img_size, _ = _describe(sd)
     return (f"wrote {out} ({to} layout): {arch}, {depth} blocks, {R} registers, native grid {img_size} px\n"
             f"load with: {load}")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# torch.hub entry points (hubconf.py exposes them): the released names, built as released, weights from a path
-
-HUB_ENTRY_POINTS = {f"dinov2_vit{s}14{'_reg' if reg else ''}": (arch, reg)  # name -> (arch, 4 registers?)
-                    for s, arch in (("s", "vit_small"), ("b", "vit_base"), ("l", "vit_large"), ("g", "vit_giant2"))
-                    for reg in (False, True)}
-
-
-def hub_model(name, *, pretrained=True, weights=None, **kwargs):
-    """The released configuration of entry point `name` (img_size 518, patch 14, LayerScale; 4 registers with the
-    size-based, antialiased pos-embed interpolation for the _reg models), then `weights` loaded strictly: a path to
-    any checkpoint from_pretrained reads. Nothing is downloaded. Other keyword arguments go to VisionTransformer."""
-    arch, registers = HUB_ENTRY_POINTS[name]
-    if pretrained and weights is None:
-        raise UserError(f"{name}: pretrained weights are never downloaded by this repository; pass "
-                        f"weights=PATH (a hub .pth, a Hugging Face folder, a timm file), or pretrained=False for a "
-                        f"random init")
-    if not pretrained and weights is not None:
-        raise UserError(f"{name}: weights={weights!r} with pretrained=False; drop one of the two")
-    released = dict(img_size=518, patch_size=14, init_values=1.0, num_register_tokens=4 if registers else 0,
-                    interpolate_antialias=registers, interpolate_offset=0.0 if registers else 0.1)
-    if weights is None:
-        return build_model(arch, **{**released, **kwargs})
-    if isinstance(weights, (str, os.PathLike)) and not os.path.exists(weights):
-        # the released entry points take a dataset name here (weights="LVD142M") and download; this one reads files
-        raise UserError(f"{name}: weights={weights!r} is not a file or folder; weights= takes a checkpoint path")
-    sd = backbone_state_dict_from(weights)
-    # The checkpoint's own grid unless img_size is given: a 224-px checkpoint then runs as trained, instead of
-    # having its pos_embed resampled to the released 37x37 grid (the released entry points need img_size=224).
-    grid = int((sd["pos_embed"].shape[1] - 1) ** 0.5)
-    released["img_size"] = grid * sd["patch_embed.proj.weight"].shape[-1]
-    return load_pretrained(build_model(arch, **{**released, **kwargs}), sd)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Loading checkpoints into this model: any of the layouts above, the released training layout, our own files
 
 
-def _only_prefix(sd, prefix):
-    """If any key starts with prefix, keep only those keys, with the prefix removed."""
-    if not any(k.startswith(prefix) for k in sd):
-        return sd
-    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-
-
 def backbone_state_dict_from(obj):
-    """A path or a loaded object -> the backbone state dict in the hub layout (keys blocks.<i>.*). A path may be any
-    file read_checkpoint reads, or a Hugging Face folder. Accepts the hub, Hugging Face and timm layouts
-    (checkpoint_layout, converted by hf_to_hub / timm_to_hub); {"teacher"|"model"|"student"|"backbone"|"state_dict":
-    sd} wrappers (the teacher first); flat `teacher.`/`student.` owners; `module.` (DDP), `backbone.` and the HF task
-    models' `dinov2.` / `dinov2_with_registers.` prefixes; `_orig_mod.` (torch.compile) and
-    `_checkpoint_wrapped_module.` segments anywhere; the chunked `blocks.<c>.<i>.` layout. Head keys (dino_head.,
-    ibot_head., and an HF task model's classifier) and loss centers are left out."""
+    """A path (anything read_checkpoint reads) or a loaded object in any layout, wrapper or prefix below -> the backbone
+    state dict in the hub layout; head keys (dino_head., ibot_head., an HF classifier) and loss centers left out."""
     if isinstance(obj, (str, os.PathLike)):
         try:
             return backbone_state_dict_from(read_checkpoint(obj))
@@ -438,20 +370,19 @@ def backbone_state_dict_from(obj):
             if str(obj) in str(e):
                 raise
             raise type(e)(f"{obj}: {e}") from None
-    while isinstance(obj, Mapping):  # unwrap {"teacher": {...}} and the like, possibly nested
-        wrapper = next((k for k in ("teacher", "model", "student", "backbone", "state_dict")
-                        if isinstance(obj.get(k), Mapping)), None)
-        if wrapper is None:
-            break
-        obj = obj[wrapper]
+    wrappers = ("teacher", "model", "student", "backbone", "state_dict")  # {"teacher": sd} and the like
+    while isinstance(obj, Mapping) and any(isinstance(obj.get(k), Mapping) for k in wrappers):  # possibly nested
+        obj = next(obj[k] for k in wrappers if isinstance(obj.get(k), Mapping))
     if not isinstance(obj, Mapping):
         raise UserError(f"expected a state dict, got {type(obj).__name__}")
     # torch.compile and activation-checkpoint wrappers add a name segment wherever they wrap (root or block)
     sd = {k.replace("_orig_mod.", "").replace("_checkpoint_wrapped_module.", ""): v
           for k, v in obj.items() if torch.is_tensor(v)}
+    # DDP's module., flat teacher. / student. owners, backbone., the HF task models' dinov2. / dinov2_with_registers.
     for prefix in ("module.", "teacher.", "student.", "model.", "module.", "backbone.", "dinov2.",
                    "dinov2_with_registers."):
-        sd = _only_prefix(sd, prefix)
+        if any(k.startswith(prefix) for k in sd):  # keep only those keys, the prefix removed
+            sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
     sd = {k: v for k, v in sd.items() if not k.startswith(("dino_head.", "ibot_head."))}
     # Released training layout: blocks.<chunk>.<global index>.<rest> -> blocks.<global index>.<rest>
     sd = {re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", k): v for k, v in sd.items()}
@@ -463,23 +394,26 @@ def backbone_state_dict_from(obj):
     return converted
 
 
-def from_pretrained(path_or_state_dict, **overrides):
-    """Build the model a checkpoint describes and load it (eval mode, CPU, fp32). The checkpoint: a state dict or a
-    path (.pth/.pt/.bin/.safetensors file, or a Hugging Face folder) in the hub, Hugging Face or timm layout. The
-    tensors give everything: width -> arch, block count -> depth, patch_embed kernel -> patch size, pos_embed ->
-    native img_size, register_tokens -> registers (and the register models' interpolation: size-based, antialias),
-    w12 -> SwiGLU, ls1.gamma -> LayerScale. `overrides` (any VisionTransformer argument, e.g. img_size=224) win."""
+def describe(path_or_state_dict):
+    """The backbone a checkpoint holds, as train.py's Config fields (what --init-from fills in): arch, depth,
+    patch_size, num_registers, ffn, img_size (the native pos-embed grid in pixels)."""
     sd = backbone_state_dict_from(path_or_state_dict)
-    D = sd["cls_token"].shape[-1]
+    arch, D, depth, registers, img_size, patch_size = _describe(sd)
     if D not in ARCH_BY_WIDTH:
         raise UserError(f"no known arch has width {D}; known widths: {ARCH_BY_WIDTH}")
-    patch_size = sd["patch_embed.proj.weight"].shape[-1]
-    kwargs = dict(
-        patch_size=patch_size,
-        img_size=int(math.sqrt(sd["pos_embed"].shape[1] - 1)) * patch_size,
-        depth=len({k.split(".")[1] for k in sd if k.startswith("blocks.")}),
-        init_values=1.0 if "blocks.0.ls1.gamma" in sd else None,  # a placeholder the loaded gamma overwrites
-    )
+    return dict(arch=arch, depth=depth, patch_size=patch_size, num_registers=registers,
+                ffn="swiglu" if "blocks.0.mlp.w12.weight" in sd else "mlp", img_size=img_size)
+
+
+def from_pretrained(path_or_state_dict, **overrides):
+    """The model a checkpoint (anything backbone_state_dict_from reads) describes, loaded: eval mode, CPU, fp32. Its
+    tensors give every VisionTransformer argument; `overrides` (e.g. img_size=224) win."""
+    sd = backbone_state_dict_from(path_or_state_dict)
+    arch, D, depth, registers, img_size, patch_size = _describe(sd)
+    if D not in ARCH_BY_WIDTH:
+        raise UserError(f"no known arch has width {D}; known widths: {ARCH_BY_WIDTH}")
+    kwargs = dict(patch_size=patch_size, img_size=img_size, depth=depth,
+                  init_values=1.0 if "blocks.0.ls1.gamma" in sd else None)  # a placeholder the loaded gamma overwrites
     if "blocks.0.mlp.w12.weight" in sd:
         kwargs["ffn_layer"] = "swiglu"
     elif "blocks.0.mlp.fc1.weight" in sd:
@@ -488,62 +422,42 @@ def from_pretrained(path_or_state_dict, **overrides):
     # (0.1 offset without registers; size-based with antialias for register models), not by theirs (by size, no 0.1
     # offset, their own antialias choice). So away from the native grid features follow the released code, not those
     # libraries; at the native grid nothing is resampled and all agree.
-    if "register_tokens" in sd:
-        kwargs.update(num_register_tokens=sd["register_tokens"].shape[1],
-                      interpolate_antialias=True, interpolate_offset=0.0)
+    if registers:
+        kwargs.update(num_register_tokens=registers, interpolate_antialias=True, interpolate_offset=0.0)
     kwargs.update(overrides)
     with torch.device("meta"):  # no time spent initialising weights that are about to be overwritten
-        model = build_model(ARCH_BY_WIDTH[D], **kwargs)
+        model = build_model(arch, **kwargs)
     model.to_empty(device="cpu")
     return load_pretrained(model, sd).eval()
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Command line: size of a model, or a checkpoint converted to another layout
+# Command line: a checkpoint converted to another layout
 
 
 @dataclass
 class Config:
-    arch: str = arg("vit_small", "any name or alias of ARCHS")
-    size: int = arg(224, "input height = width, in pixels, for the FLOPs figure")
-    img_size: int = arg(518, "native pos-embed grid in pixels (518 as the released hub models; it sets the count)")
-    num_register_tokens: int = arg(0, "register tokens (the released *_reg models have 4)")
-    convert: str = arg("", "a checkpoint to convert (file or Hugging Face folder, any layout from_pretrained reads)")
-    to: str = arg("hub", "layout --convert writes: hub (.pth), hf (folder: config.json + model.safetensors), timm "
-                         "(.pth)")
-    out: str = arg("", "where --convert writes: a .pth file (hub, timm) or a folder (hf)")
+    src: list[str] = arg([], "the checkpoint to convert (any file or folder from_pretrained reads)")
+    convert: str = arg("", "the same, as a flag: --convert IN")
+    to: str = arg("hub", "the layout written: hub (.pth), hf (folder: config.json + model.safetensors), timm (.pth)",
+                  check=("hub", "hf", "timm"))
+    out: str = arg("", "where it is written: a .pth file (hub, timm) or a folder (hf)")
 
     def __post_init__(self):
-        if self.arch not in ARCHS:
-            raise ValueError(f"--arch {self.arch}: unknown; known: {', '.join(ARCHS)}")
-        if self.to not in ("hub", "hf", "timm"):
-            raise ValueError(f"--to {self.to}: unknown layout; known: hub, hf, timm")
-        for name in ("size", "img_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.num_register_tokens < 0:
-            raise ValueError(f"--num-register-tokens must be >= 0, got {self.num_register_tokens}")
-        if self.convert and not self.out:
-            raise ValueError("--convert needs --out: a .pth file for --to hub or timm, a folder for --to hf")
+        cli.check_fields(self)
+        if len(self.src) + bool(self.convert) != 1:
+            raise ValueError("one checkpoint to convert: IN or --convert IN")
+        if not self.out:
+            raise ValueError("converting needs --out: a .pth file for --to hub or timm, a folder for --to hf")
 
 
 def main(argv=None):
-    cfg = cli.parse(Config, argv, "Parameter count and forward FLOPs of a DINOv2 ViT, or --convert IN --to "
-                                  "hub|hf|timm --out OUT.")
-    if cfg.convert:
-        if not os.path.exists(cfg.convert):
-            raise MissingFile(f"--convert {cfg.convert}: no such file or folder")
-        try:
-            print(export(cfg.convert, cfg.out, cfg.to))
-        except ImportError as e:  # a missing optional package (safetensors) is the user's to install
-            raise UserError(str(e)) from None
-        return
-    with torch.device("meta"):  # counting needs no memory
-        model = build_model(cfg.arch, img_size=cfg.img_size, num_register_tokens=cfg.num_register_tokens)
-    n_params = sum(p.numel() for p in model.parameters())
-    print(cfg)
-    print(f"{cfg.arch}: {n_params:,} parameters, {model.flops_per_image(cfg.size, cfg.size) / 1e9:.2f} GFLOPs "
-          f"per {cfg.size}x{cfg.size} image (forward)")
+    cfg = cli.parse(Config, argv, "Convert a DINOv2 checkpoint to another layout: IN --to hub|hf|timm --out OUT.",
+                    positional=("src",))
+    try:
+        print(export(cfg.convert or cfg.src[0], cfg.out, cfg.to))  # a missing IN: read_checkpoint's MissingFile
+    except ImportError as e:  # a missing optional package (safetensors) is the user's to install
+        raise UserError(str(e)) from None
 
 
 if __name__ == "__main__":
