@@ -25,6 +25,7 @@ Run:
 """
 import contextlib
 import copy
+import dataclasses
 import math
 import os
 from dataclasses import dataclass
@@ -118,8 +119,10 @@ class Config:
     patch_embed_lr_mult: float = arg(0.2, "lr multiplier of the patch embedding", check=(0, None))
     clip_grad: float = arg(3.0, "per student part (backbone, dino head, ibot head)", check=">0")
     # starting from pretrained weights
-    init_from: str = arg("", "backbone weights (released hub .pth or ours); heads start fresh")
+    init_from: str = arg("", "backbone weights in any layout (hub, Hugging Face, timm, ours); heads start fresh")
     heads_warmup_epochs: float = arg(1, "with --init-from: backbone lr 0 while the fresh heads settle", check=(0, None))
+    img_size: int = arg(0, "the backbone's native pos-embed grid in pixels; 0: --global-size (--init-from: the file's)",
+                        check=(0, None))
     # system
     strategy: str = arg("auto", "auto: none in one process, fsdp above 200M params, else ddp",
                         check=("auto", "none", "ddp", "fsdp"))
@@ -187,10 +190,36 @@ PRESETS = {
 
 
 def parse_config(cls=Config, presets=PRESETS, argv=None, description=__doc__):
-    """--field value for every field of `cls` (cli.parse); the --arch preset fills what the flags leave unset."""
-    cfg = cli.parse(cls, argv, description, presets, "arch", vit.canonical_arch)
+    """--field value for every field of `cls` (cli.parse); the --arch preset fills what the flags leave unset, and
+    with --init-from the file fills the backbone's shape and the schedule becomes one for continuing."""
+    cfg = cli.parse(cls, argv, description, presets, "arch", vit.canonical_arch,
+                    derive=lambda given: from_weights(given, presets))
     cli.check_paths(cfg, ("data", "init_from", "monitor_data", "teacher"))
     return cfg
+
+
+def from_weights(given, presets):
+    """--init-from: the backbone's shape comes from the file (a flag that contradicts it is an error naming both),
+    and the schedule is one for continuing a trained network rather than starting one (flags still override):
+    NOTE(deviation): the released code has no such recipe. Continuing with a from-scratch schedule (a 10-epoch
+    warm-up to the full peak lr, teacher momentum from 0.992, temperature from 0.04) first unlearns (ABLATIONS.md)."""
+    path = given.get("init_from")
+    if not path:
+        return {}
+    from util.weights import describe  # the file formats live in the support package
+    shape = describe(path)  # arch, depth, patch_size, num_registers, ffn, img_size: read from the tensors
+    for name, value in shape.items():
+        mine = vit.canonical_arch(given[name]) if name == "arch" and name in given else given.get(name)
+        if mine not in (None, value) and not (name == "depth" and mine == 0):
+            raise cli.UserError(f"{flag(name)} {given[name]} contradicts --init-from {path}, which holds a "
+                                f"{shape['arch']} with {name} {value}: drop the flag, or pass other weights")
+    recipe = {**{f.name: f.default for f in dataclasses.fields(Config)}, **presets.get(shape["arch"], {}), **given}
+    continuing = dict(base_lr=recipe["base_lr"] / 4, warmup_epochs=recipe["heads_warmup_epochs"] + 1,
+                      momentum_teacher=max(recipe["momentum_teacher"], 0.994),
+                      warmup_teacher_temp=recipe["teacher_temp"], warmup_teacher_temp_epochs=0)
+    print0(f"--init-from {path}: {shape}; heads start fresh and train alone for --heads-warmup-epochs; "
+           f"schedule for continuing (flags override): {continuing}")
+    return {**shape, **continuing}
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -301,8 +330,8 @@ def build_ssl_model(cfg, drop_path):
     ffn = ("swiglu" if vit.canonical_arch(cfg.arch) == "vit_giant2" else "mlp") if cfg.ffn == "auto" else cfg.ffn
     # NOTE(deviation): register models interpolate pos-embeds by size (with antialias), as the released *_reg models.
     interp = dict(interpolate_antialias=True, interpolate_offset=0.0) if cfg.num_registers else {}
-    backbone = vit.build_model(cfg.arch, img_size=cfg.global_size, patch_size=cfg.patch_size, ffn_layer=ffn,
-                               init_values=cfg.layerscale, drop_path_rate=drop_path,
+    backbone = vit.build_model(cfg.arch, img_size=cfg.img_size or cfg.global_size, patch_size=cfg.patch_size,
+                               ffn_layer=ffn, init_values=cfg.layerscale, drop_path_rate=drop_path,
                                num_register_tokens=cfg.num_registers, **interp,
                                **({"depth": cfg.depth} if cfg.depth else {}))
     D = backbone.embed_dim
@@ -395,7 +424,7 @@ def build_models(cfg, strategy, device):
     with torch.device("meta") if meta else contextlib.nullcontext():
         student = build_ssl_model(cfg, cfg.drop_path)  # initialised by its constructors unless on meta
     if not meta and cfg.init_from:
-        vit.load_pretrained(student.backbone, cfg.init_from)  # strict, pos-embed resampled
+        vit.load_pretrained(student.backbone, cfg.init_from)  # strict; at the file's own grid, not resampled
     if cfg.mask_probability == 0:  # no crop is ever masked (distillation): the mask token would get no gradient,
         student.backbone.mask_token.requires_grad_(False)  # which DDP treats as an error
     teacher = copy.deepcopy(student)  # the same numbers; it stays in eval mode, so it never drops paths

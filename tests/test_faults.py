@@ -185,7 +185,8 @@ def test_user_errors_of_train_and_distill_are_one_line(finished, tmp_path, capsy
     assert "no image files" in err and str(empty) in err
     raw = (finished / "teacher_backbone.pth").read_bytes()
     (tmp_path / "cut.pth").write_bytes(raw[:len(raw) // 3])  # a download cut short
-    code, err = one_error_line(capsys, train.train, config(tmp_path / "r2", "--init-from", str(tmp_path / "cut.pth")))
+    code, err = one_error_line(capsys, lambda: train.train(config(tmp_path / "r2", "--init-from",
+                                                                  str(tmp_path / "cut.pth"))))
     assert "cut.pth" in err and "corrupt or truncated" in err and "weights_only" not in err
     with pytest.raises(cli.UserError, match="cut.pth.*corrupt or truncated"):  # distill.py --teacher: the same reader
         distill.read_teacher(str(tmp_path / "cut.pth"))

@@ -321,3 +321,81 @@ def test_alarm_stays_silent_on_the_laptop_default(tmp_path):
     rows = [json.loads(r) for r in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 60 and not any("alarm" in r for r in rows)
     assert max(r["teacher_entropy"] for r in rows if r["step"] >= 20) < 0.97 * math.log(256)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Continuing from released weights (--init-from): the shape from the file, fresh heads, a backbone that waits
+
+def pretrained_file(tmp_path, registers=0):
+    """A small trained-looking backbone (random weights, LayerScale 1.0) saved in the released hub layout."""
+    import vit
+    torch.manual_seed(3)
+    model = vit.build_model("vit_tiny", img_size=56, patch_size=14, depth=2, init_values=1.0,
+                            num_register_tokens=registers)
+    with torch.no_grad():
+        model.mask_token.zero_()  # timm's layout has no mask token: zero here, so all three layouts hold one network
+    torch.save(model.state_dict(), tmp_path / "hub.pth")
+    return tmp_path / "hub.pth", model.state_dict()
+
+
+def test_heads_warmup_leaves_the_backbone_bit_identical(tmp_path):
+    path, sd = pretrained_file(tmp_path)
+    out = tmp_path / "run"
+    cfg = train.parse_config(argv=TINY + ["--out", str(out), "--init-from", str(path), "--heads-warmup-epochs", "1"])
+    assert (cfg.depth, cfg.patch_size, cfg.img_size, cfg.num_registers) == (2, 14, 56, 0)  # from the file
+    assert cfg.warmup_teacher_temp == cfg.teacher_temp  # the schedule of a continued run: no temperature warm-up
+    train.train(cfg)  # 4 steps, all inside the heads warm-up
+    teacher = torch.load(out / "teacher_backbone.pth", weights_only=True)
+    assert teacher.keys() == sd.keys() and all(torch.equal(teacher[k], sd[k]) for k in sd)
+    student = load_checkpoint(out / "ckpt_00000004")
+    assert all(torch.equal(student[f"student.backbone.{k}"], sd[k]) for k in sd)
+    heads = [k for k in student if k.startswith("student.dino_head.")]  # the fresh heads did train meanwhile
+    assert heads and any(not torch.equal(student[k], student[k.replace("student.", "ema.", 1)]) for k in heads)
+
+
+def test_hub_hf_and_timm_layouts_start_the_same_run(tmp_path):
+    import json
+    from util import weights
+    path, sd = pretrained_file(tmp_path)
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    torch.save(weights.hub_to_hf(sd), hf / "pytorch_model.bin")
+    (hf / "config.json").write_text(json.dumps(weights.hf_config(sd)))
+    torch.save(weights.hub_to_timm(sd), tmp_path / "timm.pth")
+    first = []
+    for source in (path, hf, tmp_path / "timm.pth"):
+        cfg = train.parse_config(argv=TINY + ["--out", str(tmp_path / "unused"), "--init-from", str(source),
+                                              "--mask-probability", "1.0"])
+        cpu = torch.device("cpu")
+        student_p, student, teacher = train.build_models(cfg, "none", cpu)
+        run = train.make_run(cfg, rank=0, world=1, device=cpu, strategy="none", student_p=student_p,
+                             student=student, teacher=teacher, ema=teacher)
+        batch = next(iter(train.build_data(cfg, 0, 1, 0, cpu)[0]))
+        torch.manual_seed(0)
+        losses, _, _ = train.train_step(run, batch, 0)
+        first.append(torch.stack([v.detach() for v in losses.values()]))
+    assert torch.equal(first[0], first[1]) and torch.equal(first[0], first[2]), first
+
+
+@pytest.mark.parametrize("flags,says", [
+    (["--patch-size", "8", "--global-size", "56", "--local-size", "32"], "--patch-size 8 contradicts --init-from"),
+    (["--arch", "vit_s"], "--arch vit_s contradicts --init-from"),
+    (["--num-registers", "4"], "--num-registers 4 contradicts --init-from"),
+])
+def test_a_flag_that_contradicts_the_weights_is_one_error_line(tmp_path, capsys, flags, says):
+    from util import cli
+    path, _ = pretrained_file(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        cli.run(train.parse_config, argv=["--init-from", str(path), *flags])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.count("\n") == 1 and says in err and "hub.pth" in err, err
+    assert "vit_tiny" in err and "Traceback" not in err
+
+
+def test_init_from_a_file_that_is_not_a_vit_is_one_error_line(tmp_path, capsys):
+    from util import cli
+    torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7), "fc.weight": torch.zeros(10, 512)}, tmp_path / "resnet.pth")
+    with pytest.raises(SystemExit) as e:
+        cli.run(train.parse_config, argv=["--init-from", str(tmp_path / "resnet.pth")])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.count("\n") == 1 and "not a ViT backbone" in err and "resnet.pth" in err, err

@@ -152,23 +152,29 @@ def build_parser(cls, description="", presets=None, preset_key="arch", positiona
     return parser
 
 
-def parse(cls, argv=None, description="", presets=None, preset_key="arch", canonical=None, positional=()):
-    """Settings of dataclass `cls` from the command line: flags > presets[value of preset_key] > field defaults.
+def parse(cls, argv=None, description="", presets=None, preset_key="arch", canonical=None, positional=(),
+          derive=None):
+    """Settings of dataclass `cls` from the command line: flags > derived > presets[value of preset_key] > defaults.
 
     `canonical` maps the preset key's value to its canonical name (train.py: vit_s -> vit_small); the ValueError it
-    raises for an unknown name is a usage error. Returns the config instance.
+    raises for an unknown name is a usage error. `derive(given)` -> {field: value} fills fields from what the flags
+    name (train.py: the model's shape from the --init-from file); a UserError it raises is the user's one `error:`
+    line, not a usage error. Returns the config instance.
     """
     parser = build_parser(cls, description, presets, preset_key, positional)
     given = vars(parser.parse_args(argv))  # only the flags on the command line; unknown flags are an error
     given.pop("debug", None)
     given = {k: tuple(v) if isinstance(v, list) and isinstance(getattr(cls, k, None), tuple) else v
              for k, v in given.items()}
+    derived = derive(given) if derive else {}
     try:
         if presets is not None:
-            key = given.get(preset_key, getattr(cls, preset_key))
+            key = given.get(preset_key, derived.get(preset_key, getattr(cls, preset_key)))
             key = canonical(key) if canonical else key
-            return cls(**{**presets.get(key, {}), **given, preset_key: key})
-        return cls(**given)
+            return cls(**{**presets.get(key, {}), **derived, **given, preset_key: key})
+        return cls(**{**derived, **given})
+    except UserError:
+        raise
     except ValueError as e:  # __post_init__ checks and unknown preset names
         parser.error(str(e))
 
