@@ -30,7 +30,7 @@ import torch
 from util import cli
 from util.checkpoint import atomic_save, atomic_write, atomic_write_text
 from util.cli import MissingFile, UserError, arg
-from vit import ARCH_BY_WIDTH, build_model, load_pretrained
+from vit import ARCH_BY_WIDTH, build_model, canonical_arch, load_pretrained
 
 
 def _list_keys(keys, limit=12):
@@ -394,15 +394,22 @@ def backbone_state_dict_from(obj):
     return converted
 
 
-def describe(path_or_state_dict):
+def describe(path, given=None):
     """The backbone a checkpoint holds, as train.py's Config fields (what --init-from fills in): arch, depth,
-    patch_size, num_registers, ffn, img_size (the native pos-embed grid in pixels)."""
-    sd = backbone_state_dict_from(path_or_state_dict)
+    patch_size, num_registers, ffn, img_size (the native grid in pixels). A flag in `given` (the command line's)
+    that contradicts the file is a UserError naming both."""
+    sd = backbone_state_dict_from(path)
     arch, D, depth, registers, img_size, patch_size = _describe(sd)
     if D not in ARCH_BY_WIDTH:
         raise UserError(f"no known arch has width {D}; known widths: {ARCH_BY_WIDTH}")
-    return dict(arch=arch, depth=depth, patch_size=patch_size, num_registers=registers,
-                ffn="swiglu" if "blocks.0.mlp.w12.weight" in sd else "mlp", img_size=img_size)
+    shape = dict(arch=arch, depth=depth, patch_size=patch_size, num_registers=registers,
+                 ffn="swiglu" if "blocks.0.mlp.w12.weight" in sd else "mlp", img_size=img_size)
+    for name, value in shape.items():
+        mine = (given or {}).get(name)
+        if mine not in (None, value) and (canonical_arch(mine) if name == "arch" else mine or value) != value:
+            raise UserError(f"{cli.flag(name)} {mine} contradicts --init-from {path}, which holds a {arch} with "
+                            f"{name} {value}: drop the flag, or pass other weights")
+    return shape
 
 
 def from_pretrained(path_or_state_dict, **overrides):
