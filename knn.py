@@ -7,13 +7,12 @@ NOTE(deviation): the paper searched and clustered with Faiss (GPU IVF+PQ, approx
 
     lexsort_rows, select_topk, knn                      exact inner-product top-k, chunked
     shard_range, shard_offset, gather_rows, top_rows    rows sharded over ranks
-    ShardedKNN, search                                  a database split across ranks, per-rank lists merged
+    ShardedKNN                                          a database split across ranks, per-rank lists merged
     kmeans_plusplus, kmeans, hierarchical_kmeans        Lloyd's k-means; Vo et al.'s tree with resampling
     (section 5: the bf16 fast path, the same results about twice as fast on CPUs with bf16 units)
 
 No command line: tests/test_knn.py checks it, `python bench.py --mode knn` times it. Q queries, N rows, D, K clusters.
 """
-import functools
 import math
 import os
 import warnings
@@ -30,7 +29,6 @@ from util.distributed import all_gather_cat, all_reduce_sum, gather_shards, is_d
 
 # ---------------------------------------------------------------------------------------------------------------
 # 1. Exact k nearest neighbours by inner product (features are L2-normalised beforehand, so this is cosine)
-# ---------------------------------------------------------------------------------------------------------------
 
 NO_ID = torch.iinfo(torch.int64).max  # id of a padding entry (score -inf): loses every tie, is never a real row
 
@@ -58,8 +56,7 @@ def select_topk(scores, ids, k):
     return top, sel
 
 
-def knn(queries, database, k, query_chunk=4096, db_chunk=16384, bias=None, screen="auto", group=16,
-        progress=False, desc="knn"):
+def knn(queries, database, k, query_chunk=4096, db_chunk=16384, bias=None, screen="auto", progress=False):
     """Exact k nearest neighbours by inner product: (Q, D), (N, D) -> scores (Q, k), indices (Q, k), rows sorted
     by score, then lower index. Memory: one (query_chunk, db_chunk) score block plus the running lists. `bias` (N,)
     is added to every score column (as one more matmul coordinate). screen: section 5's bf16 fast path ("auto": fp32
@@ -75,7 +72,7 @@ def knn(queries, database, k, query_chunk=4096, db_chunk=16384, bias=None, scree
     qc, dc = min(query_chunk, Q), min(db_chunk, N)
     # Score buffers reused by every block: no allocation (page faults) per block.
     buf = torch.empty(qc * dc, dtype=torch.bfloat16 if screen else database.dtype, device=database.device)
-    bar = tqdm(total=Q, desc=desc, unit="query", disable=not progress, leave=False)
+    bar = tqdm(total=Q, desc="knn", unit="query", disable=not progress, leave=False)
     for q0 in range(0, Q, qc):
         q = queries[q0:q0 + qc]  # (qc, D)
         if bias is not None:  # (qc, D+1): a constant 1 that multiplies the bias coordinate of the database
@@ -89,11 +86,11 @@ def knn(queries, database, k, query_chunk=4096, db_chunk=16384, bias=None, scree
                 db = torch.cat([db, bias[d0:d0 + dc, None].to(db.dtype)], 1)
             if screen:  # the fast path (section 5): the same candidates, from a bf16 product
                 kth = best_s[:, k - 1] if best_s.shape[1] == k else q.new_full((len(q),), float("-inf"))
-                cand_s, cand_i = _screened_block(q, q16, qnorm, db, kth, k, d0, buf, group)
+                cand_s, cand_i = _screened_block(q, q16, qnorm, db, kth, k, d0, buf)
             else:
                 s = buf[:len(q) * len(db)].view(len(q), len(db))  # (qc, dc), contiguous even for the last block
                 torch.mm(q, db.T, out=s)
-                cand_s, cand_i = _exact_block(s, k, d0, group)
+                cand_s, cand_i = _exact_block(s, k, d0)
             # Merge with the running lists: the k best of (old k, new candidates) under (score desc, id asc).
             best_s, best_i = select_topk(torch.cat([best_s, cand_s], 1), torch.cat([best_i, cand_i], 1), k)
         out_s[q0:q0 + qc], out_i[q0:q0 + qc] = lexsort_rows(best_s, best_i) if k > 1 else (best_s, best_i)
@@ -102,14 +99,14 @@ def knn(queries, database, k, query_chunk=4096, db_chunk=16384, bias=None, scree
     return out_s, out_i
 
 
-def _group_size(C, group):
-    """Largest of group, group/2, ..., 1 that divides C."""
+def _group_size(C, group=16):
+    """Largest of group, group/2, ..., 1 that divides C: the columns per group of the pruning."""
     while C % group:
         group //= 2
     return group
 
 
-def _exact_block(s, k, d0, group):
+def _exact_block(s, k, d0):
     """Candidates (scores (Q, W), global ids (Q, W)) holding the exact top-k of each row of a score block s (Q, C)
     whose first column is database row d0.
 
@@ -118,7 +115,7 @@ def _exact_block(s, k, d0, group):
     entries >= m_k and every other entry is <= m_k+1: the row's top-k, ties included, lies in those k*g columns.
     Rows with m_k == m_k+1 fall back to a search of the full row."""
     Q, C = s.shape
-    g = _group_size(C, group)
+    g = _group_size(C)
     G = C // g
     if k == 1:  # the nearest centroid in k-means: argmax returns the first (lowest-index) maximum of a row
         col = s.argmax(dim=1, keepdim=True)  # (not torch.max(dim=1): on CPU it forks threads even for tiny rows)
@@ -140,7 +137,6 @@ def _exact_block(s, k, d0, group):
 
 # ---------------------------------------------------------------------------------------------------------------
 # 2. Rows sharded over ranks: rank r holds rows [offset_r, offset_r + n_r) of the data, the ranks in order
-# ---------------------------------------------------------------------------------------------------------------
 
 def shard_range(n, rank, world) -> tuple:
     """Contiguous row range [start, end) of rank's shard of n rows (sizes differ by at most one)."""
@@ -191,7 +187,7 @@ class ShardedKNN:
 
     @classmethod
     def from_full(cls, database):
-        """Each rank keeps its contiguous share of a database that every rank holds."""
+        """Each rank keeps its contiguous share of a database that every rank holds (every rank passes the same)."""
         rank, world = rank_world()
         start, end = shard_range(database.shape[0], rank, world)
         return cls(database[start:end], start, database.shape[0])
@@ -210,15 +206,8 @@ class ShardedKNN:
         return (s, i) if self.local or not is_dist() else _merge_ranks(s, i, k)
 
 
-def search(queries, database, k, **knn_kwargs):
-    """knn() that shards `database` across ranks when a process group is up (every rank passes the same queries
-    and the same database, and keeps only its share of it for the search)."""
-    return ShardedKNN.from_full(database).search(queries, k, **knn_kwargs)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # 3. k-means on row shards
-# ---------------------------------------------------------------------------------------------------------------
 
 def kmeans_plusplus(x, k, generator, progress=False):
     """Greedy k-means++ seeding (Arthur & Vassilvitskii 2007, as scikit-learn): each new centroid is the best, by
@@ -230,30 +219,26 @@ def kmeans_plusplus(x, k, generator, progress=False):
         # 2 threads than on 1 when another process shares the cores), so the seeding runs on one thread.
         torch.set_num_threads(1)
     try:
-        return _kmeans_plusplus(x, k, generator, progress)
+        N = x.shape[0]
+        trials = 2 + int(math.log(k))
+        x2 = (x * x).sum(1)  # (N,)
+        # Up to 4096 points, one (N, N) Gram matrix (<= 64 MB) replaces k skinny matmuls, which run ~10x below peak.
+        gram = x @ x.T if N <= 4096 else None
+        chosen = [int(torch.randint(N, (1,), generator=generator))]
+        d2 = (x2 - 2 * (x @ x[chosen[0]]) + x2[chosen[0]]).clamp_min_(0)  # (N,) squared distance to the nearest
+        for _ in tqdm(range(1, k), desc="k-means++", disable=not progress, leave=False):
+            if d2.sum() > 0:
+                cand = torch.multinomial(d2.cpu(), trials, replacement=True, generator=generator).to(x.device)
+            else:  # fewer distinct points than k: any point will do
+                cand = torch.randint(N, (trials,), generator=generator).to(x.device)
+            dots = gram[cand] if gram is not None else x[cand] @ x.T  # (T, N)
+            d2_cand = torch.minimum(d2, (x2 - 2 * dots + x2[cand, None]).clamp_min_(0))  # (T, N)
+            best = int(d2_cand.sum(1).argmin())
+            chosen.append(int(cand[best]))
+            d2 = d2_cand[best]
+        return x[chosen].clone()
     finally:
         torch.set_num_threads(threads)
-
-
-def _kmeans_plusplus(x, k, generator, progress):
-    N = x.shape[0]
-    trials = 2 + int(math.log(k))
-    x2 = (x * x).sum(1)  # (N,)
-    # Up to 4096 points, one (N, N) Gram matrix (<= 64 MB) replaces k skinny matmuls, which run ~10x below peak.
-    gram = x @ x.T if N <= 4096 else None
-    chosen = [int(torch.randint(N, (1,), generator=generator))]
-    d2 = (x2 - 2 * (x @ x[chosen[0]]) + x2[chosen[0]]).clamp_min_(0)  # (N,) squared distance to the nearest centroid
-    for _ in tqdm(range(1, k), desc="k-means++", disable=not progress, leave=False):
-        if d2.sum() > 0:
-            cand = torch.multinomial(d2.cpu(), trials, replacement=True, generator=generator).to(x.device)
-        else:  # fewer distinct points than k: any point will do
-            cand = torch.randint(N, (trials,), generator=generator).to(x.device)
-        dots = gram[cand] if gram is not None else x[cand] @ x.T  # (T, N)
-        d2_cand = torch.minimum(d2, (x2 - 2 * dots + x2[cand, None]).clamp_min_(0))  # (T, N)
-        best = int(d2_cand.sum(1).argmin())
-        chosen.append(int(cand[best]))
-        d2 = d2_cand[best]
-    return x[chosen].clone()
 
 
 def kmeans(x, k, n_iter=20, init="kmeans++", seed=0, spherical=False, init_points_per_centroid=4, log=None,
@@ -351,10 +336,9 @@ def _draw(n, m, seed):
 
 # ---------------------------------------------------------------------------------------------------------------
 # 4. Hierarchical k-means with resampling (Vo et al. 2024), on row shards
-# ---------------------------------------------------------------------------------------------------------------
 
-def hierarchical_kmeans(x, ks, n_iter=20, resample_steps=10, sample_sizes=None, seed=0, spherical=False,
-                        progress=False, resume_dir=None, screen="auto"):
+def hierarchical_kmeans(x, ks, n_iter=20, resample_steps=10, seed=0, spherical=False, progress=False, resume_dir=None,
+                        screen="auto"):
     """Vo et al. (2024) hierarchical k-means with resampling. x (N, D), ks = clusters per level (decreasing).
 
     Level 1 clusters the points, level l+1 the centroids of level l. After each level's k-means, `resample_steps`
@@ -372,12 +356,12 @@ def hierarchical_kmeans(x, ks, n_iter=20, resample_steps=10, sample_sizes=None, 
     rank, world = rank_world()
     for level, k in enumerate(ks):
         k = max(1, min(k, n))
-        steps = resample_steps[level] if isinstance(resample_steps, (list, tuple)) else resample_steps
-        r = sample_sizes[level] if sample_sizes is not None else max(1, round(0.5 * n / k))
+        steps, r = resample_steps, max(1, round(0.5 * n / k))
         lseed = seed + 1000 * level
         meta = dict(n=n, d=points.shape[1], k=k, n_iter=n_iter, steps=steps, r=r, seed=lseed, spherical=spherical,
                     checksum=float(all_reduce_sum(points.double().sum())))
-        centroids = _load_level(resume_dir, level, meta)
+        path = os.path.join(resume_dir, f"level{level + 1}.pt") if resume_dir else None
+        centroids = _load_level(path, meta)
         if centroids is not None:  # finished by an earlier run: only the assignment is recomputed
             assign = _assign(points, centroids, spherical, screen)
         else:
@@ -392,7 +376,7 @@ def hierarchical_kmeans(x, ks, n_iter=20, resample_steps=10, sample_sizes=None, 
                                       screen=screen)
                 assign = _assign(points, centroids, spherical, screen)
             if resume_dir and rank == 0:  # a level file is always whole (written, then renamed)
-                atomic_save({"meta": meta, "centroids": centroids.cpu()}, _level_path(resume_dir, level))
+                atomic_save({"meta": meta, "centroids": centroids.cpu()}, path)
         levels.append({"centroids": centroids, "assignments": assign if level == 0 else gather_shards(assign)})
         start, end = shard_range(k, rank, world)  # the next level's points: this rank's share of the centroids
         points, offset, n = centroids[start:end], start, k
@@ -425,15 +409,11 @@ def _closest_members(x, centroids, assign, r, offset=0):
     return picked.sort().values + offset
 
 
-def _level_path(folder, level):
-    return os.path.join(folder, f"level{level + 1}.pt")
-
-
-def _load_level(folder, level, meta):
+def _load_level(path, meta):
     """A saved level's centroids if every rank finds it with these settings and data, else None."""
     found = None
-    if folder and os.path.exists(_level_path(folder, level)):
-        saved = torch.load(_level_path(folder, level))
+    if path and os.path.exists(path):
+        saved = torch.load(path)
         old = saved["meta"]
         same = {**old, "checksum": 0} == {**meta, "checksum": 0}
         if same and math.isclose(old["checksum"], meta["checksum"], rel_tol=1e-9, abs_tol=1e-9):
@@ -452,25 +432,21 @@ def _load_level(folder, level, meta):
 # every pair whose bf16 score is within that bound of the cut is rescored in fp32. The two paths agree:
 # tests/test_knn.py runs each search and assignment case with screen=False and screen=True against a brute force.
 # NOTE(deviation): on GPUs the screen would run on tensor cores; it is validated on CPU only, so "auto" is off there.
-# ---------------------------------------------------------------------------------------------------------------
 
 BF16_U, FP32_U = 2.0 ** -8, 2.0 ** -24  # unit roundoff of bfloat16 (8 significant bits) and of float32 (24)
 
 
-@functools.lru_cache(maxsize=None)
-def _cpu_has_fast_bf16() -> bool:
-    """AVX512-BF16 or AMX: bf16 matmuls at about twice the fp32 rate (from /proc/cpuinfo; False elsewhere)."""
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+_CPU_FLAGS = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+FAST_BF16_CPU = "avx512_bf16" in _CPU_FLAGS or "amx_bf16" in _CPU_FLAGS  # bf16 matmuls at ~2x the fp32 rate
 
 
 def _use_screen(x, screen) -> bool:
     if screen == "auto":
-        return x.device.type == "cpu" and x.dtype == torch.float32 and _cpu_has_fast_bf16()
+        return x.device.type == "cpu" and x.dtype == torch.float32 and FAST_BF16_CPU
     return bool(screen)
 
 
-def _screened_block(q, q16, qnorm, db, kth, k, d0, buf16, group):
+def _screened_block(q, q16, qnorm, db, kth, k, d0, buf16):
     """_exact_block's candidates from a bf16 product, rescored in fp32. A column is in the top-k only if e >= T, the
     final k-th best; T >= kth (the running k-th best) and T >= m_k - delta (m_k: the k-th largest group max of a),
     so the columns with a >= max(kth, m_k - delta) - delta, rescored in fp32, hold the answer."""
@@ -479,7 +455,7 @@ def _screened_block(q, q16, qnorm, db, kth, k, d0, buf16, group):
     torch.mm(q16, db.to(torch.bfloat16).T, out=a)  # (Q, C) approximate scores
     xmax = db.norm(dim=1).max()
     delta = (3 * BF16_U + 2 * D * FP32_U) * 1.01 * qnorm * xmax + 1e-30  # (Q,)
-    g = _group_size(C, group)
+    g = _group_size(C)
     G = C // g
     gmax = a.view(Q, g, G).amax(dim=1).float()  # (Q, G)
     bound = kth
@@ -515,12 +491,8 @@ def _assign_screened(x, centroids, spherical, x16=None, xnorm=None, chunk=2048):
     cmax, bmax = centroids.norm(dim=1).max(), bias.abs().max()
     a16 = torch.empty(min(chunk, len(x)), K, dtype=torch.bfloat16, device=x.device)  # reused by every chunk
     a32 = torch.empty(min(chunk, len(x)), K, device=x.device)
-    screen = True
     for q0 in range(0, len(x), chunk):
         xb = x[q0:q0 + chunk]  # (B, D)
-        if not screen:  # _assign's plain fp32 step
-            idx[q0:q0 + len(xb)] = torch.addmm(bias, xb, cT).max(dim=1).indices
-            continue
         a, f = a16[:len(xb)], a32[:len(xb)]
         torch.mm(xb.to(torch.bfloat16) if x16 is None else x16[q0:q0 + chunk], c16, out=a)  # (B, K) approximate
         best, arg = f.copy_(a).add_(bias).max(dim=1)
@@ -540,5 +512,6 @@ def _assign_screened(x, centroids, spherical, x16=None, xnorm=None, chunk=2048):
             arg[unsure] = torch.full_like(unsure, K).scatter_reduce_(0, rows[win], cols[win], "amin")
         idx[q0:q0 + len(xb)] = arg
         if len(unsure) > 0.75 * len(xb):  # the screen costs more than it saves on this data: plain fp32 from here
-            screen = False
+            idx[q0 + len(xb):] = _assign(x[q0 + len(xb):], centroids, spherical, screen=False, chunk=chunk)
+            break
     return idx

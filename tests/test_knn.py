@@ -257,7 +257,7 @@ WORKER = textwrap.dedent("""
     out = {{}}
     for name, (Q, N, D, k, seed) in SEARCH_CASES.items():
         q, db = search_case(Q, N, D, seed)
-        out[name] = knn.search(q, db, k, query_chunk=17, db_chunk=64)
+        out[name] = knn.ShardedKNN.from_full(db).search(q, k, query_chunk=17, db_chunk=64)
     x = clustered(1001, 8, 10, 0)
     cut = [0, 130, 1001]  # an uneven split: shards need not be equal
     for name, kw in KMEANS_CASES.items():
