@@ -2,12 +2,11 @@
 
 Paper: DINOv2 (Oquab et al., 2023) section 4 and appendix, which inherit the multi-crop recipe of DINO (Caron et al.,
 2021) and the block masking of iBOT / BEiT. The numbers are the released code's (`dinov2/data/augmentations.py`,
-`collate.py`, `masking.py`, `samplers.py`); each departure is marked `NOTE(deviation)` (the blur default
-follows the paper).
+`collate.py`, `masking.py`, `samplers.py`); each departure is marked `NOTE(deviation)`; the blur default is the paper's.
 
 Public names, in reading order:
     IMAGENET_MEAN, IMAGENET_STD, IMAGE_EXTENSIONS, to_tensor, torch_seed()
-    convert_to_rgb(img), load_image(path)                  any file / PIL mode -> upright RGB
+    convert_to_rgb(img), load_image(path), to_grey(img)    any file / PIL mode -> upright RGB; the grayscale step
     CropParams, MultiCropAugmentation                      2 global + n_local crops per image
     MaskingGenerator                                       random rectangular blocks on the patch grid
     MultiCropCollate                                       a rank's slice of a global batch, with its iBOT masks
@@ -21,6 +20,8 @@ Run the tests: python -m pytest -q tests/test_data.py (bench.py measures the aug
 """
 import colorsys
 import contextlib
+import functools
+import itertools
 import math
 import os
 import random
@@ -42,8 +43,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".
 
 
 def to_tensor(img: Image.Image) -> torch.Tensor:
-    """RGB image -> float32 (3, h, w) normalised with the ImageNet mean and std, (x / 255 - mean) / std computed as
-    x * scale + shift. The one normaliser: training crops, evaluation and curation all use it."""
+    """RGB image -> float32 (3, h, w), ImageNet-normalised: the one normaliser of training, evaluation and curation."""
     img = img if img.mode == "RGB" else img.convert("RGB")
     t = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).contiguous()  # (3, h, w) uint8
     return t.float().mul_(_NORM_SCALE).add_(_NORM_SHIFT)
@@ -75,12 +75,16 @@ def convert_to_rgb(img: Image.Image) -> Image.Image:
 
 
 def load_image(path) -> Image.Image:
-    """Decode a file (path or file object) fully, so that a truncated file raises here (PIL is lazy otherwise),
-    apply its EXIF orientation, return it as RGB."""
+    """Decode a file (path or file object) fully, so that a truncated one raises here (PIL is lazy), upright, as RGB."""
     with Image.open(path) as img:
         img.load()
         ImageOps.exif_transpose(img, in_place=True)  # phone photos store pixels sideways + an orientation tag
         return convert_to_rgb(img)
+
+
+def to_grey(img: Image.Image) -> Image.Image:
+    """The augmentation's grayscale step (ITU-R 601 luma, as PIL's convert("L")), kept as three equal channels."""
+    return img.convert("L").convert("RGB")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -120,10 +124,9 @@ class MultiCropAugmentation:
         if blur == "paper":
             self.p_blur = (1.0, 0.1, 0.5)  # (global crop 1, global crop 2, each local crop)
         elif blur == "released":
-            # NOTE(deviation): the released code wraps blur in its own GaussianBlur(p) that hands `1 - p` to
-            # RandomApply, so the nominal 1.0 / 0.1 / 0.5 become 0.0 / 0.9 / 0.5 in effect (released
-            # `dinov2/data/augmentations.py`, dinov2 PR #411). The released checkpoints were trained this way;
-            # "paper" is the default here.
+            # NOTE(deviation): the released code wraps blur in its own GaussianBlur(p) handing `1 - p` to RandomApply,
+            # so the nominal 1.0 / 0.1 / 0.5 become 0.0 / 0.9 / 0.5 in effect (released `dinov2/data/augmentations.py`,
+            # dinov2 PR #411). The released checkpoints were trained this way; "paper" is the default here.
             self.p_blur = (0.0, 0.9, 0.5)
         else:
             raise ValueError(f"blur must be 'paper' or 'released', got {blur!r}")
@@ -131,10 +134,9 @@ class MultiCropAugmentation:
     # -- drawing the parameters ----------------------------------------------------------------------------------
     def crop_box(self, width, height, scale, rng) -> tuple:
         """torchvision's RandomResizedCrop.get_params: 10 tries at a random area and aspect, then a centre crop."""
-        area = width * height
         log_lo, log_hi = math.log(self.ratio[0]), math.log(self.ratio[1])
         for _ in range(10):
-            target_area = area * rng.uniform(*scale)
+            target_area = width * height * rng.uniform(*scale)
             aspect = math.exp(rng.uniform(log_lo, log_hi))
             w = round(math.sqrt(target_area * aspect))
             h = round(math.sqrt(target_area / aspect))
@@ -177,12 +179,10 @@ class MultiCropAugmentation:
         # the released sizes are unchanged.
         g = (self.global_size, self.global_scale)
         g_blur, l_blur = min(1.0, self.global_size / 224), min(1.0, self.local_size / 98)
-        params = [self.crop_params(width, height, *g, p_g1, 0.0, rng, g_blur),
-                  self.crop_params(width, height, *g, p_g2, self.p_solarize, rng, g_blur)]
-        for _ in range(self.n_local):
-            params.append(self.crop_params(width, height, self.local_size, self.local_scale, p_local, 0.0, rng,
-                                           l_blur))
-        return params
+        local = (self.local_size, self.local_scale, p_local, 0.0, rng, l_blur)
+        return [self.crop_params(width, height, *g, p_g1, 0.0, rng, g_blur),
+                self.crop_params(width, height, *g, p_g2, self.p_solarize, rng, g_blur),
+                *(self.crop_params(width, height, *local) for _ in range(self.n_local))]
 
     # -- applying them -------------------------------------------------------------------------------------------
     @staticmethod
@@ -207,12 +207,12 @@ class MultiCropAugmentation:
                 h = h.point([(x + shift) % 256 for x in range(256)])  # PIL's 8-bit hue wraps around
                 out = Image.merge("HSV", (h, s, v)).convert("RGB")
         if p.grayscale:
-            out = out.convert("L").convert("RGB")
+            out = to_grey(out)
         if p.blur_sigma is not None:
-            # NOTE(deviation): torchvision blurs with a 9x9 Gaussian kernel (truncated at +-4 px). PIL's
-            # GaussianBlur `radius` IS the standard deviation sigma; PIL approximates the Gaussian with three box
-            # blurs of the same variance (support about +-3 sigma). Same sigma, slightly different tails near
-            # sigma 2, and the crop stays a uint8 PIL image for solarize.
+            # NOTE(deviation): torchvision blurs with a 9x9 Gaussian kernel (truncated at +-4 px). PIL's GaussianBlur
+            # `radius` IS the standard deviation sigma; PIL approximates the Gaussian with three box blurs of the same
+            # variance (support about +-3 sigma). Same sigma, slightly different tails near sigma 2, and the crop stays
+            # a uint8 PIL image for solarize.
             out = out.filter(ImageFilter.GaussianBlur(radius=p.blur_sigma))
         if p.solarize:
             out = ImageOps.solarize(out, threshold=128)  # invert every value >= 128
@@ -239,8 +239,7 @@ class MaskingGenerator:
         self.num_patches = self.height * self.width
         self.max_num_patches = 0.5 * self.num_patches if max_num_patches is None else max_num_patches
         self.min_num_patches = min_num_patches
-        max_aspect = max_aspect or 1 / min_aspect
-        self.log_aspect = (math.log(min_aspect), math.log(max_aspect))
+        self.log_aspect = (math.log(min_aspect), math.log(max_aspect or 1 / min_aspect))
 
     def block_shape(self, max_patches, rng) -> tuple:
         """One random block: (h, w). May not fit the grid; the caller checks."""
@@ -282,8 +281,7 @@ class MultiCropCollate:
     masked crop i targets int(N * U(p_i, p_i+1)) patches with p = linspace(min_ratio, max_ratio, n + 1) (stratified
     ratios), and the targets are shuffled across all crops, so the two views of one image are masked independently.
     NOTE(deviation): the released collate stratifies over each GPU's own 2B crops; here over the global batch, so a
-    rank's masks are its slice of those a single process draws for the same global batch: same statistics, and
-    DDP / FSDP runs reproduce a single-process run exactly.
+    rank's masks are its slice of a single process's: same statistics, and DDP / FSDP runs reproduce it exactly.
     """
 
     def __init__(self, mask_generator, mask_ratio=(0.1, 0.5), mask_probability=0.5, world=1, seed=0,
@@ -359,16 +357,15 @@ def images_under(folder: str) -> list:
 
 
 class ImageFolderDataset(torch.utils.data.Dataset):
-    """Images from a folder or a .txt list of paths.
+    """Images from a folder or a .txt list of paths, not decoded up front (hours on millions of images).
 
-    - Folder with class sub-folders and no images at its top level (torchvision's ImageFolder layout): each
-      sub-folder that holds images (searched recursively) is a class, classes sorted by name.
+    - Folder with class sub-folders and no images at its top level (torchvision's ImageFolder layout): each sub-folder
+      that holds images (searched recursively) is a class, classes sorted by name.
     - Any other folder: every image below it, recursively, label 0 ("flat").
     - A .txt file: one path per line, optionally followed by whitespace and an integer label; relative paths are
       resolved against the list's folder; blank lines and lines starting with '#' are ignored.
-    Files are not decoded up front (that would take hours on millions of images). A file that fails to load is
-    skipped: `load(index)` gives the next readable sample and the paths skipped to reach it; `__getitem__` names the
-    first `name_limit` unreadable files in warnings (per process); `n_skipped` and `summary()` count them.
+    A file that fails to load is skipped: `load(index)` gives the next readable sample and the paths skipped to reach
+    it; `__getitem__` names the first `name_limit` in warnings (per process); `n_skipped` and `summary()` count them.
     """
     name_limit = 3  # unreadable files named one by one in this process; the rest are counted
 
@@ -430,10 +427,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             path = os.path.expanduser(path)
             samples.append((path if os.path.isabs(path) else os.path.join(base, path), label))
         if labelled:
-            classes = [str(k) for k in range(max(label for _, label in samples) + 1)]
-        else:
-            classes = [os.path.splitext(os.path.basename(list_path))[0]]
-        return samples, classes
+            return samples, [str(k) for k in range(max(label for _, label in samples) + 1)]
+        return samples, [os.path.splitext(os.path.basename(list_path))[0]]
 
     @staticmethod
     def _header_ok(path) -> bool:
@@ -543,10 +538,8 @@ def _draw_shape(name, size, center, radius, angle) -> Image.Image:
 
 class SyntheticDataset(torch.utils.data.Dataset):
     """One object per image, drawn on the fly; class c is the shape SYNTHETIC_SHAPES[c], labels are i % n_classes.
-
-    Objects are saturated and never cut by the border; backgrounds are muted (low saturation) noise, stripes or
-    gradients, so the foreground is visually distinct. Everything is a function of (seed, index): sample(i) is the
-    same in every process and every epoch.
+    Saturated objects, never cut by the border, on muted (low saturation) backgrounds; sample(i) is a function of
+    (seed, i) alone, the same in every process and every epoch.
 
     Three knobs change the set without giving any class a shortcut (ABLATIONS.md §6-8 measure them):
     rotation: the angle is drawn from [0, rotation) degrees (360: any angle; 0: every shape upright).
@@ -559,8 +552,7 @@ class SyntheticDataset(torch.utils.data.Dataset):
     def __init__(self, n=1024, size=224, n_classes=8, seed=0, transform=None, rotation=360.0, background="texture",
                  object_size=OBJECT_SIZE):
         if not 1 <= n_classes <= len(SYNTHETIC_SHAPES):
-            raise ValueError(f"n_classes must be between 1 and {len(SYNTHETIC_SHAPES)} (one shape per class), "
-                             f"got {n_classes}")
+            raise ValueError(f"n_classes must be 1 to {len(SYNTHETIC_SHAPES)} (one shape per class), got {n_classes}")
         if not 0 <= rotation <= 360:
             raise ValueError(f"rotation must be between 0 and 360 degrees, got {rotation}")
         if background not in BACKGROUNDS:
@@ -603,15 +595,13 @@ class SyntheticDataset(torch.utils.data.Dataset):
             raise IndexError(f"index {i} out of range for {self.n} samples")
         rng = np.random.default_rng((self.seed, i))
         label = self.targets[i]
-        shape = SYNTHETIC_SHAPES[label]
         # The radius of the shape's unit disc, its centre and angle: the same distributions for every class (drawing
         # an *area* instead would make thin shapes smaller on average, a size shortcut to the label).
         radius = rng.uniform(*self.object_size) * self.size
         center = rng.uniform(radius, self.size - radius, size=2)
-        mask_img = _draw_shape(shape, self.size, center, radius, rng.uniform(0, math.radians(self.rotation)))
-        fg = np.asarray(mask_img) > 0
-        hue = rng.random()
-        color = np.array(colorsys.hsv_to_rgb(hue, rng.uniform(0.65, 1.0), rng.uniform(0.65, 1.0))) * 255
+        angle = rng.uniform(0, math.radians(self.rotation))
+        fg = np.asarray(_draw_shape(SYNTHETIC_SHAPES[label], self.size, center, radius, angle)) > 0  # (size, size)
+        color = np.array(colorsys.hsv_to_rgb(rng.random(), rng.uniform(0.65, 1.0), rng.uniform(0.65, 1.0))) * 255
         background = self._background(rng)  # (size, size, 3)
         if self.background == "plain":
             background = np.broadcast_to(background.mean(axis=(0, 1)), background.shape)
@@ -670,12 +660,10 @@ def seeded(seed):
 class GlobalBatchSampler:
     """Yields this rank's slice of each global batch: [(dataset index, stream position)] * batch_size.
 
-    The stream visits the dataset in passes, pass p in the order randperm(n) seeded by (seed, SHUFFLE, p); global
-    batch s is positions [s * GB, (s + 1) * GB), GB = batch_size * world, and rank r takes the r-th slice of it.
-    `start_step` resumes at global batch start_step without replaying the passes before it.
+    Pass p over the dataset is randperm(n) seeded by (seed, SHUFFLE, p); global batch s is positions [s * GB,
+    (s + 1) * GB), GB = batch_size * world, rank r taking the r-th slice; `start_step` resumes without replaying.
     NOTE(deviation): the released sampler (`samplers.py`) gives each rank its own shuffled shard; here one global
-    stream, so a run resumed on a different number of GPUs continues the same data, and DDP / FSDP runs see exactly
-    the batches of a single-process run (the tests check this).
+    stream, so a resume on another number of GPUs, and DDP / FSDP runs, see a single-process run's batches (tested).
     """
 
     def __init__(self, n, batch_size, rank=0, world=1, seed=0, start_step=0):
@@ -688,18 +676,10 @@ class GlobalBatchSampler:
         return torch.randperm(self.n, generator=g).tolist()
 
     def __iter__(self):
-        gb = self.B * self.world
-        pos = self.start * gb
-        pass_index, order = None, None
-        while True:
-            batch = []
-            for p in range(pos, pos + gb):
-                if p // self.n != pass_index:
-                    pass_index = p // self.n
-                    order = self.order(pass_index)
-                batch.append((order[p % self.n], p))
-            pos += gb
-            yield batch[self.rank * self.B:(self.rank + 1) * self.B]
+        order = functools.lru_cache(maxsize=2)(self.order)  # passes come in order: each order drawn once
+        for step in itertools.count(self.start):
+            first = (step * self.world + self.rank) * self.B  # stream position of this rank's slice of global batch
+            yield [(order(p // self.n)[p % self.n], p) for p in range(first, first + self.B)]
 
 
 class MultiCropDataset(torch.utils.data.Dataset):

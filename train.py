@@ -149,11 +149,11 @@ class Config:
         check=), then what spans several fields; a ValueError naming the flag (a usage error in cli.parse). Presets,
         tests and dataclasses.replace go through here too."""
         cli.check_fields(self)
-        for name in ("global_scale", "local_scale", "synthetic_object_size", "mask_ratio"):
+        for name, what in (("global_scale", "area"), ("local_scale", "area"), ("synthetic_object_size", "radius"),
+                           ("mask_ratio", "masked")):  # each element's range is declared; here their order
             lo, hi = getattr(self, name)
             if not (lo <= hi and (lo > 0 or name == "mask_ratio")):
-                raise ValueError(f"{flag(name)} must be two values 0 < low <= high (mask ratio: 0 <= low), got "
-                                 f"{(lo, hi)}")
+                raise ValueError(f"{flag(name)} must be two {what} fractions, low <= high, got {(lo, hi)}")
         for name in ("global_size", "local_size"):  # the patch embedding takes whole patches only
             if (name == "global_size" or self.n_local > 0) and getattr(self, name) % self.patch_size:
                 raise ValueError(f"{flag(name)} must be a multiple of the patch size (--patch-size "

@@ -1,14 +1,10 @@
-"""Checkpoints of a training run that never lie: written whole or not at all, never non-finite, resumed exactly.
+"""Checkpoints of a training run (train.py's plumbing, not the method) that never lie: written whole or not at all,
+never non-finite, resumed exactly. One format for every strategy: torch.distributed.checkpoint (DCP), each rank
+writing its own shards, so a vit_g under FSDP2 is never gathered on one GPU. Used by `python train.py`.
 
-One format for every strategy (torch.distributed.checkpoint, DCP: each rank writes its own shards, so a vit_g under
-FSDP2 is never gathered on one GPU). A checkpoint is written to `ckpt_<step>.tmp` and renamed when complete, so a
-crash mid-save leaves the previous one intact; resume takes the newest complete checkpoint that loads, falling back
-past a corrupt one with a warning; the exports (`teacher.pth`: backbone + heads + config, what distill.py reads;
-`teacher_backbone.pth`: the released hub layout) are rebuilt from the last checkpoint when a kill took them.
-
-    Checkpointer       save / resume / export for train.fit
     NonFiniteError     the run diverged: one `error:` line naming the step and the last good checkpoint
-    atomic_write       write to a temporary name, then rename: the one writer of every file (atomic_save, _text)
+    Checkpointer       claim --out, resume (past a corrupt checkpoint), check_finite, save, load, export
+    atomic_write       write `<name>.tmp`, then rename: the one writer of every file (atomic_save, atomic_write_text)
 """
 import dataclasses
 import os
@@ -17,22 +13,16 @@ import warnings
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from util import cli
-from util.distributed import barrier, is_dist, local_tensor, print0
-
+from util.distributed import all_reduce_, barrier, is_dist, local_tensor, print0
 
 
 class NonFiniteError(cli.UserError, FloatingPointError):
-    """The run diverged (a loss or a weight is NaN / inf): one `error:` line that names the step and the last good
-    checkpoint. A FloatingPointError for callers that catch that."""
+    """A loss or a weight went NaN / inf: one `error:` line (a UserError), a FloatingPointError for callers of that."""
 
 
 class Checkpointer:
-    """Saves that never lie: nothing non-finite is written, a checkpoint is complete or absent (written to .tmp, then
-    renamed), resume takes the newest one that loads, and --no-resume never writes into another run's folder."""
-
     def __init__(self, out, keep_last, rank):
         self.out, self.keep_last, self.rank = Path(out), keep_last, rank
 
@@ -45,9 +35,7 @@ class Checkpointer:
         return done[-1] if done else None
 
     def claim(self, resume):
-        """Make the run folder. A file of that name is an error (nothing of the user's is overwritten), and a fresh
-        run (--no-resume) refuses a folder that already holds a run: its checkpoints, metrics and exports would be
-        mixed with the new run's."""
+        """Make the run folder; a file of that name is an error, and so (--no-resume) is a folder holding a run."""
         if self.out.exists() and not self.out.is_dir():
             raise cli.UserError(f"--out {self.out} is a file, not a folder: pick another --out (the run writes "
                                 f"checkpoints, metrics.jsonl and its exports into that folder)")
@@ -56,8 +44,8 @@ class Checkpointer:
         barrier()
         if resume:
             return
-        found = [p.name for p in self._folders()] + [p.name for p in sorted(self.out.glob("*.pth"))] + [
-            p.name for p in (self.out / "metrics.jsonl",) if p.is_file()]
+        held = [*self._folders(), *sorted(self.out.glob("*.pth")), self.out / "metrics.jsonl"]  # what a run writes
+        found = [p.name for p in held if p.exists()]
         if found:
             raise cli.UserError(
                 f"--out {self.out} already holds a run ({', '.join(found[:4])}{', ...' if len(found) > 4 else ''}); "
@@ -90,31 +78,24 @@ class Checkpointer:
         return 0
 
     def check_finite(self, step, modules=(), first_bad=None, terms=()):
-        """The one finiteness check: raise NonFiniteError unless every parameter and buffer of `modules` is finite
-        and no loss term was non-finite (first_bad: the first non-finite step per term, -1 if none). The verdict is
-        reduced over ranks, so every rank raises together, before anything is written. One host sync."""
+        """The one finiteness check: NonFiniteError unless every float tensor of `modules` is finite and no term of
+        `terms` went non-finite (first_bad: its first such step, -1 if none); on every rank together. One host sync."""
         tensors = [local_tensor(t) for m in modules for t in (*m.parameters(), *m.buffers()) if t.is_floating_point()]
         device = tensors[0].device if tensors else first_bad.device
         ok = torch.stack([torch.isfinite(t).all() for t in tensors]).all() if tensors else torch.tensor(True)
         flags = first_bad if first_bad is not None else torch.full((0,), -1, dtype=torch.long, device=device)
         status = torch.cat([(~ok).long().view(1).to(device), flags.long()])
-        if is_dist():
-            dist.all_reduce(status, op=dist.ReduceOp.MAX)
-        status = status.tolist()
+        status = all_reduce_(status, "max").tolist()
         bad = [(b, t) for b, t in zip(status[1:], terms) if b >= 0]
         if not bad and not status[0]:
             return
         what = f"non-finite loss: term '{min(bad)[1]}' at step {min(bad)[0]}" if bad else \
             f"non-finite weights after step {step}"
-        raise NonFiniteError(f"{what}; nothing was saved after it. {self.last_good()}")
-
-    def last_good(self):
-        """Where a run that stopped on a non-finite value can start again."""
-        latest = self.latest()
         advice = "a lower --base-lr or --clip-grad, or another --seed, may avoid the divergence"
-        if latest is None:
-            return f"No checkpoint was saved before it (check --init-from and the data; {advice})"
-        return f"The last good checkpoint is {latest}: the same command resumes from it ({advice})"
+        latest = self.latest()  # where the run can start again
+        where = f"No checkpoint was saved before it (check --init-from and the data; {advice})" if latest is None \
+            else f"The last good checkpoint is {latest}: the same command resumes from it ({advice})"
+        raise NonFiniteError(f"{what}; nothing was saved after it. {where}")
 
     def save(self, step, student, ema, optimizer, centers, cfg, first_bad=None, terms=()):
         import torch.distributed.checkpoint as dcp
@@ -127,10 +108,10 @@ class Checkpointer:
         with warnings.catch_warnings():  # one process: DCP warns that it is not distributed, which is intended
             warnings.simplefilter("ignore", UserWarning)
             dcp.save(self._state(student, ema, optimizer), checkpoint_id=str(tmp), no_dist=not is_dist())
-        if self.rank == 0:  # small replicated state: step, centres, config
-            torch.save({"step": step, "centers": {k: c.state_dict() for k, c in centers.items()},
-                        "config": dataclasses.asdict(cfg)}, tmp / "extra.pt")
-            publish(tmp, final)
+        if self.rank == 0:  # small replicated state (step, centres, config), then the rename that completes it
+            extra = {"step": step, "centers": {k: c.state_dict() for k, c in centers.items()},
+                     "config": dataclasses.asdict(cfg)}
+            atomic_write(final, lambda tmp_folder: torch.save(extra, tmp_folder / "extra.pt"))
             # only complete checkpoints count, and only finite ones were ever saved: pruning keeps good ones
             done = [p for p in self._folders() if (p / "extra.pt").is_file()]
             for old in done[:-self.keep_last]:
@@ -180,22 +161,16 @@ class Checkpointer:
         barrier()
 
 
-def publish(tmp, path):
-    """The one rename that makes a finished file or folder appear under its name: readers see it whole or not at
-    all (os.replace is atomic on one filesystem). A folder already there is replaced."""
-    if Path(path).is_dir():
-        shutil.rmtree(path)
-    os.replace(tmp, path)
-
-
 def atomic_write(path, write):
-    """write(tmp) to `path`.tmp, then publish it as `path`: a crash or Ctrl-C mid-write leaves the old file intact.
-    Every file the project writes for a user goes through here."""
+    """write(tmp) fills `path`.tmp, then one rename makes it `path` (a folder already there is replaced): readers see
+    it whole or not at all, and a crash or Ctrl-C mid-write leaves the old one intact. Every file goes through here."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
-    publish(tmp, path)
+    if path.is_dir():
+        shutil.rmtree(path)
+    os.replace(tmp, path)  # atomic on one filesystem
     return path
 
 

@@ -1,13 +1,12 @@
-"""The run's log: loss terms and diagnostics per log step in metrics.jsonl, the progress bar, the online k-NN monitor,
-the collapse alarm, the count of unreadable files, Ctrl-C, and the loss plot at the end.
+"""The run's log (plumbing, no paper section): metrics.jsonl, the progress bar, the online k-NN monitor, the files
+the stream skipped, Ctrl-C, the loss plot, and the collapse alarm on the teacher's targets. The loss terms add up on
+the device; every --log-every steps (and at monitor steps) one host sync reduces them over ranks and rank 0 writes a
+row. Used by train.py: `python train.py`.
 
-The loss terms accumulate on the device; every --log-every steps (and at monitor steps) one host sync reduces them
-over ranks and checks that they are finite, and rank 0 appends a row to metrics.jsonl and updates the bar.
-
-    Logger          the per-step bookkeeping of train.fit
-    StopRequest     Ctrl-C / SIGTERM: finish the step, save, exit 130
-    trim_metrics    metrics.jsonl cut back to a resumed step (a torn last line dropped)
-    plot_run        loss.png (visualize.plot_curves) at the end of a run
+    Logger, build_monitor                 the per-step bookkeeping of train.fit; its k-NN monitor (or None)
+    SkipReport, StopRequest               the files the stream skipped; Ctrl-C / SIGTERM: save, then exit 130
+    trim_metrics, plot_run                metrics.jsonl cut back to a resumed step; loss.png at the end
+    teacher_diagnostics, CollapseAlarm    entropy, prototypes used, cross-view correlation; the warning they feed
 """
 import dataclasses
 import json
@@ -19,12 +18,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 from util import cli
 from util.checkpoint import atomic_write_text
-from util.distributed import is_dist, print0
+from util.distributed import all_reduce_, is_dist, print0
 from util.plan import flops_per_image, peak_flops
 
 
@@ -34,8 +32,8 @@ TERMS = ("dino_global", "dino_local", "ibot", "koleo")
 class Logger:
     def __init__(self, run, start, n_images, ckpt, monitor=None):
         cfg, self.run, self.ckpt = run.cfg, run, ckpt
-        self.out = Path(cfg.out)
-        self.monitor = monitor  # train.build_monitor's k-NN monitor (or None); every rank calls it
+        self.metrics = Path(cfg.out) / "metrics.jsonl"
+        self.monitor = monitor  # build_monitor's k-NN monitor (or None); every rank calls it
         self.alarm = CollapseAlarm(cfg.n_prototypes, window=max(20, run.total // 10))  # a tenth of the run, >= 20
         self.knn = None  # the monitor's last k-NN top-1
         self.flops = flops_per_image(run.student.backbone, cfg) * cfg.batch_size  # per rank and step
@@ -47,7 +45,7 @@ class Logger:
                                 write=tqdm.write)
         if run.rank == 0:
             self.describe(n_images)
-            trim_metrics(self.out / "metrics.jsonl", start)  # keep the history up to the resumed step
+            trim_metrics(self.metrics, start)  # keep the history up to the resumed step
         self.bar = tqdm(total=run.total, initial=start, disable=run.rank != 0, dynamic_ncols=True, desc=run.export)
         self.t_last = time.perf_counter()
 
@@ -76,26 +74,24 @@ class Logger:
             return False
         stats = torch.cat([self.running, torch.tensor([float(self.stop.requested)], device=run.device)])
         self.ckpt.check_finite(step, first_bad=self.first_bad, terms=TERMS)  # every rank stops on a bad term
-        if is_dist():
-            dist.all_reduce(stats)  # sums over ranks; a stop asked on any rank stops all of them
+        all_reduce_(stats)  # sums over ranks; a stop asked on any rank stops all of them
         stats = stats.tolist()  # the host sync of a log step
         now = time.perf_counter()
         n_steps = stats[len(TERMS)] / run.world
         means = {k: stats[i] / stats[len(TERMS)] for i, k in enumerate(TERMS)}
         # this rank's gradient norms and teacher diagnostics, fetched in one copy
         *norm_vals, entropy, used, rho = torch.stack([*norms.values(), *teacher_diagnostics(t_cls)]).tolist()
-        teacher_temp = float(run.sched["teacher_temp"][step])
-        row = dict(step=step + 1, loss=sum(means.values()), **means, lr=float(run.sched["lr"][step]),
-                   wd=float(run.sched["wd"][step]), momentum=float(run.sched["momentum"][step]),
-                   teacher_temp=teacher_temp, **dict(zip(norms, norm_vals)), teacher_entropy=entropy,
-                   prototypes_used=int(used), teacher_view_corr=rho,
+        sched = {k: float(run.sched[k][step]) for k in ("lr", "wd", "momentum", "teacher_temp")}
+        row = dict(step=step + 1, loss=sum(means.values()), **means, **sched, **dict(zip(norms, norm_vals)),
+                   teacher_entropy=entropy, prototypes_used=int(used), teacher_view_corr=rho,
                    images_per_s=n_steps * cfg.batch_size * run.world / (now - self.t_last), **self.skips.row())
         if run.device.type == "cuda":
             row["peak_mem_gb"] = torch.cuda.max_memory_allocated(run.device) / 2**30
             if self.peak:
                 row["mfu"] = n_steps * self.flops / (now - self.t_last) / self.peak
         self.running.zero_()
-        alert = self.alarm.update(step + 1, entropy, int(used), t_cls.shape[0], rho, cfg.student_temp / teacher_temp)
+        alert = self.alarm.update(step + 1, entropy, int(used), t_cls.shape[0], rho,
+                                  cfg.student_temp / sched["teacher_temp"])
         if alert:
             row["alarm"] = alert
             if run.rank == 0:
@@ -106,7 +102,7 @@ class Logger:
             row.update(knn_top1=self.knn, knn_raw_pixels=self.monitor.raw_pixels, monitor_s=time.perf_counter() - now)
         self.t_last = time.perf_counter()
         if run.rank == 0:
-            with open(self.out / "metrics.jsonl", "a") as f:
+            with open(self.metrics, "a") as f:
                 f.write(json.dumps(row) + "\n")
             self.bar.set_postfix(loss=f"{row['loss']:.3f}", dino=f"{means['dino_global'] + means['dino_local']:.3f}",
                                  ibot=f"{means['ibot']:.3f}", koleo=f"{means['koleo']:.3f}",
@@ -118,11 +114,8 @@ class Logger:
 
 
 def build_monitor(cfg, n_images):
-    """The online k-NN monitor (evaluate.KnnMonitor) on a labelled split, or None when it is off.
-
-    Synthetic data: a bank of training images and as many images of another seed, which training never sees.
-    --monitor-data (or --data when it has class sub-folders): its images split in two halves by a fixed shuffle.
-    """
+    """The online k-NN monitor (evaluate.KnnMonitor), or None when it is off. Its bank and queries: synthetic training
+    images and as many of another seed, or --monitor-data (--data with class sub-folders) halved by a fixed shuffle."""
     if cfg.monitor_every <= 0 or cfg.monitor_images <= 0:
         return None
     from data import ImageFolderDataset, SyntheticDataset, variant
@@ -136,20 +129,17 @@ def build_monitor(cfg, n_images):
             return None
         order = np.random.default_rng(cfg.seed).permutation(len(images))
         bank, queries = (torch.utils.data.Subset(images, order[half::2][:n].tolist()) for half in (0, 1))
-        n_classes = len(images.classes)
     else:
         kind = variant(vars(cfg))
-        bank = SyntheticDataset(n=min(n, n_images), size=cfg.synthetic_size, seed=cfg.seed, **kind)
+        images = bank = SyntheticDataset(n=min(n, n_images), size=cfg.synthetic_size, seed=cfg.seed, **kind)
         queries = SyntheticDataset(n=n, size=cfg.synthetic_size, seed=cfg.seed + 1, **kind)
-        n_classes = bank.n_classes
     grey = cfg.p_grayscale >= 1  # a run that only sees grey crops is read on grey images, its raw-pixel floor too
-    return KnnMonitor(bank, queries, n_classes, cfg.global_size, cfg.patch_size, grey=grey)
+    return KnnMonitor(bank, queries, len(images.classes), cfg.global_size, cfg.patch_size, grey=grey)
 
 
 class SkipReport:
-    """The unreadable files the training stream skipped (batch["skipped"]), reported by the main process, not by the
-    DataLoader workers that meet them: the first `name_limit` files named as they are met, then at the end of each
-    epoch the count of skips in it; `row()` is the metrics.jsonl key."""
+    """The unreadable files the stream skipped (batch["skipped"]), reported by the main process, not by the DataLoader
+    workers that meet them: the first `name_limit` named, then each epoch's count; `row()` is the metrics.jsonl key."""
 
     def __init__(self, epoch_length, name_limit=5, prefix="", write=print):
         self.epoch_length, self.name_limit, self.prefix, self.write = epoch_length, name_limit, prefix, write
@@ -192,22 +182,20 @@ class StopRequest:
 
 
 def trim_metrics(path, step):
-    """Keep metrics.jsonl's rows up to `step` (the resumed one); a torn line (a kill mid-write) is dropped, with a
-    warning, instead of stopping the run."""
+    """Keep metrics.jsonl's rows up to the resumed `step`; a torn line (a kill mid-write) is dropped with a warning."""
     path = Path(path)
     if not path.exists():
         return
     rows, torn = [], 0
-    for line in path.read_text().splitlines():
+    for line in filter(str.strip, path.read_text().splitlines()):  # blank lines are no rows
         try:
-            row = json.loads(line) if line.strip() else None
-        except json.JSONDecodeError:
-            row = None
-        if isinstance(row, dict) and isinstance(row.get("step"), int):
-            if row["step"] <= step:
-                rows.append(line)
-        elif line.strip():
+            row_step = json.loads(line).get("step")
+        except (json.JSONDecodeError, AttributeError):  # a torn line, or JSON that is not an object
+            row_step = None
+        if not isinstance(row_step, int):
             torn += 1
+        elif row_step <= step:
+            rows.append(line)
     if torn:
         print(f"warning: {path}: dropped {torn} unreadable line(s) (a run killed while writing?)")
     atomic_write_text(path, "".join(r + "\n" for r in rows))
@@ -227,15 +215,11 @@ def plot_run(out):
 # the same few prototypes). Both show in the teacher's targets long before they show in a downstream score.
 
 def teacher_diagnostics(t_cls: torch.Tensor):
-    """Three numbers on the teacher's cls targets t_cls (2B, K), view-major (rows b and B + b are the two global views
-    of image b): the mean entropy of a row (0 = one-hot, ln K = uniform), the prototypes that win at least one row,
-    and the cross-view correlation rho of the targets' log-probabilities.
-
-    rho is what decides whether the uniform target can be left. Near it, log t = logits / teacher_temp up to a row
-    and a column constant (softmax with a centre, or Sinkhorn-Knopp), so after removing both (double centring) the
-    two views' deviations correlate by rho. The student, at student_temp, is asked to reproduce the other view's
-    deviation: its best linear estimate scales the deviation by rho * student_temp / teacher_temp. Below 1 each step
-    shrinks the deviations (the uniform target is stable: collapse); above 1 they grow (the targets sharpen)."""
+    """On the teacher's cls targets t_cls (2B, K), view-major (rows b and B + b: image b's two global views): the mean
+    row entropy (0 = one-hot, ln K = uniform), the prototypes that win a row, and rho, the views' correlation of the
+    log-targets after double centring (removing the row and column shifts of a centre or Sinkhorn-Knopp). The student's
+    best linear estimate of the other view's deviation scales it by rho * student_temp / teacher_temp: below 1 the
+    deviations shrink each step (the uniform target holds: collapse), above 1 they grow (the targets sharpen)."""
     p = t_cls.float()  # (2B, K)
     log_p = p.clamp_min(1e-12).log()
     entropy = -(p * log_p).sum(-1).mean()
@@ -261,18 +245,23 @@ class CollapseAlarm:
     }
 
     def __init__(self, n_prototypes: int, window: int, tolerance: float = 0.03, handful: int = 3):
-        self.log_k, self.window, self.tolerance, self.handful = math.log(n_prototypes), window, tolerance, handful
+        self.n_prototypes, self.window, self.tolerance, self.handful = n_prototypes, window, tolerance, handful
         self.since = {"uniform": None, "few": None}  # first step of the current streak of each symptom
         self.fired = set()
 
-    def update(self, step: int, entropy: float, used: int, n_rows: int, rho: float | None = None,
-               temp_ratio: float | None = None) -> str | None:
+    def update(self, step, entropy, used, n_rows, rho=None, temp_ratio=None) -> str | None:
         """Feed one check (teacher_diagnostics of the cls targets of `n_rows` crops; temp_ratio = student_temp /
         teacher_temp); returns a warning the first time a symptom has lasted `window` steps, else None."""
-        symptoms = {"uniform": entropy >= (1 - self.tolerance) * self.log_k,
-                    "few": used <= self.handful < n_rows // 4}  # a tiny batch cannot show "few"
+        log_k = math.log(self.n_prototypes)
+        leave = (f"; cross-view correlation {rho:.2f} x student_temp / teacher_temp {temp_ratio:.3g} = "
+                 f"{rho * temp_ratio:.2g}, leaving needs > 1") if rho is not None and temp_ratio else ""
+        symptoms = {  # name: (present now, what it looks like)
+            "uniform": (entropy >= (1 - self.tolerance) * log_k, f"the teacher's cls targets have been uniform "
+                        f"(entropy {entropy:.3f}, ln K = {log_k:.3f}{leave})"),
+            "few": (used <= self.handful < n_rows // 4,  # a tiny batch cannot show "few"
+                    f"the teacher has put every crop on {used} prototype(s) of {self.n_prototypes}")}
         message = None
-        for name, present in symptoms.items():
+        for name, (present, what) in symptoms.items():
             if not present:
                 self.since[name] = None
                 continue
@@ -280,12 +269,6 @@ class CollapseAlarm:
                 self.since[name] = step
             if step - self.since[name] >= self.window and name not in self.fired:
                 self.fired.add(name)
-                what = (f"the teacher's cls targets have been uniform (entropy {entropy:.3f}, ln K = "
-                        f"{self.log_k:.3f}" + (f"; cross-view correlation {rho:.2f} x student_temp / teacher_temp "
-                                               f"{temp_ratio:.3g} = {rho * temp_ratio:.2g}, leaving needs > 1"
-                                               if rho is not None and temp_ratio else "") + ")"
-                        if name == "uniform" else
-                        f"the teacher has put every crop on {used} prototype(s) of {round(math.exp(self.log_k))}")
                 message = f"warning: collapse alarm at step {step}: {what} for {step - self.since[name]} steps: " \
                           f"{self.ADVICE[name]}"
         return message
