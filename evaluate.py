@@ -6,7 +6,7 @@ protocols of `dinov2/eval/knn.py` and `dinov2/eval/linear.py`. Features are extr
 Public names, in reading order:
     load_backbone, random_like                    -- the frozen network to evaluate (and its random twin)
     training_config, saw_only_grey                -- the run that wrote the weights: its sizes, grey crops or not
-    round_to_patch, to_tensor, to_grey, EvalTransform -- resize / centre-crop / normalise (grey for a grey run)
+    round_to_patch, EvalTransform                 -- resize / centre-crop / normalise (data.to_grey for a grey run)
     extract_features                              -- batched, a contiguous shard per rank, gathered in dataset order
     knn_scores, knn_classify, knn_accuracy        -- weighted k-NN on L2-normalised cls tokens
     raw_pixel_features, KnnMonitor                -- the raw-pixel floor; the online k-NN that train.py runs
@@ -39,7 +39,7 @@ from tqdm import tqdm
 from util import cli
 import data
 import vit
-from data import to_tensor, variant
+from data import to_grey, to_tensor, variant
 from util.distributed import barrier, close, gather_shards, init, pick_device, print0, rank_world
 from util.checkpoint import atomic_write_text
 from util.cli import MissingFile, UserError, arg
@@ -113,11 +113,6 @@ def random_like(model: nn.Module, seed: int = 0, layerscale: float = 1e-5) -> nn
 
 # ---------------------------------------------------------------------------------------------------------------
 # Evaluation transform (no torchvision: a few lines of PIL)
-
-def to_grey(img: Image.Image) -> Image.Image:
-    """The augmentation's grayscale step (ITU-R 601 luma, as PIL's convert("L")), kept as three equal channels."""
-    return img.convert("L").convert("RGB")
-
 
 def saw_only_grey(run: dict) -> bool:
     """Did the run that wrote the weights turn every training crop grey (its config's p_grayscale, 1 = always)?"""

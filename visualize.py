@@ -37,10 +37,10 @@ from util import cli  # noqa: E402
 import data  # noqa: E402
 from util.cli import UserError, arg  # noqa: E402
 from util.runlog import TERMS  # noqa: E402  (the metric names of train.py's loss terms)
-from data import to_tensor, variant  # noqa: E402
+from data import to_grey, to_tensor, variant  # noqa: E402
 from util.distributed import pick_device  # noqa: E402
 from evaluate import (DEFAULT_WEIGHTS, border_mask, first_principal_component, load_backbone,  # noqa: E402
-                      round_to_patch, saw_only_grey, to_grey, training_config)
+                      round_to_patch, saw_only_grey, training_config)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -366,8 +366,8 @@ def test_evaluation_reads_the_run_s_images_grey_and_variant(tmp_path, capsys):
     assert "synthetic={'rotation': 0.0, 'background': 'plain', 'object_size': (0.25, 0.45)}" in out
     # the raw-pixel floor was taken on those images: recompute it by hand on the same draws, grey
     variant = dict(n_classes=8, rotation=0.0, background="plain")
-    train_set, val_set = ([(evaluate.to_grey(img), y) for img, y in evaluate.data.SyntheticDataset(40, 48, seed=seed,
-                                                                                                  **variant)]
+    grey = evaluate.data.to_grey
+    train_set, val_set = ([(grey(img), y) for img, y in evaluate.data.SyntheticDataset(40, 48, seed=seed, **variant)]
                           for seed in (0, 1))
     feats = [evaluate.raw_pixel_features(ds) for ds in (train_set, val_set)]
     labels = [torch.tensor([y for _, y in ds]) for ds in (train_set, val_set)]
