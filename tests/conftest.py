@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,6 +30,16 @@ def run_script(args, nproc=1, timeout=240, script="train.py"):
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     return subprocess.run(cmd + args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """One complete TINY run of `python train.py` as a user runs it, shared by every test that only reads it
+    (train.py's exports and metrics, distill.py's teacher): read-only, copy what you change."""
+    out = tmp_path_factory.mktemp("tiny_run")
+    proc = run_script(TINY + ["--out", str(out)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
 
 
 def load_checkpoint(path):
