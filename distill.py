@@ -55,9 +55,10 @@ def read_teacher(path):
     # mmap: the config is read twice (flags, then the teacher), and a vit_g teacher.pth is gigabytes
     ckpt = read_checkpoint(path, mmap=True)  # corrupt, truncated or text: a UserError naming the file
     if not (isinstance(ckpt, dict) and "model" in ckpt and "config" in ckpt):
-        raise cli.UserError(f"{path} is not a train.py teacher.pth (expected keys 'model' and 'config'; a "
-                            f"backbone-only file such as the released weights needs heads first: train.py "
-                            f"--init-from, see the README)")
+        raise cli.UserError(f"{path} is not a train.py teacher.pth (expected keys 'model' and 'config'). A "
+                            f"backbone-only file such as the released weights needs heads first: `python train.py "
+                            f"--init-from {path} --epochs 1 --heads-warmup-epochs 1 --out runs/heads` trains them "
+                            f"with the backbone frozen, then pass --teacher runs/heads/teacher.pth")
     known = {f.name for f in dataclasses.fields(Config)}
     try:
         return ckpt["model"], Config(**{k: v for k, v in ckpt["config"].items() if k in known})
