@@ -1,6 +1,7 @@
 """Shared pytest set-up: the modules live at the repository root, tests run on the CPU with few threads, and the
 tiny preset and helpers every training test uses (import them with `from conftest import ...`)."""
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -24,12 +25,32 @@ TINY = TINY_MODEL + ["--epochs", "1", "--epoch-length", "4", "--warmup-epochs", 
                      "--warmup-teacher-temp-epochs", "0.5"]
 
 
-def run_script(args, nproc=1, timeout=240, script="train.py"):
-    """Run a script as a user would, in a subprocess with a timeout, so that a hung collective fails the test."""
-    cmd = [sys.executable, script] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script]
+def run_script(args, nproc=1, timeout=240, script="train.py", torchrun=False):
+    """Run a script as a user would, in a subprocess with a timeout, so that a hung collective fails the test.
+
+    nproc > 1: torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR / PORT) given to nproc processes
+    started here, which is all the scripts read of it; torchrun=True goes through the real launcher instead (one more
+    interpreter importing torch per test, so only a few tests do)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    return subprocess.run(cmd + args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if nproc == 1 or torchrun:
+        cmd = [sys.executable, script] if nproc == 1 else [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script]
+        return subprocess.run(cmd + args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, script] + args, cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True,
+                              env=dict(env, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(nproc),
+                                       LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)))
+             for r in range(nproc)]
+    try:
+        outs = [p.communicate(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    code = next((p.returncode for p in procs if p.returncode), 0)
+    return subprocess.CompletedProcess(args, code, "".join(o for o, _ in outs), "".join(e for _, e in outs))
 
 
 @pytest.fixture(scope="session")

@@ -356,9 +356,9 @@ def test_dry_run_builds_nothing_and_a_run_that_cannot_fit_stops(tmp_path):
              "int(line.split()[1]) * 1024 for line in open('/proc/self/status') if line.startswith('VmHWM:')))); "
              "runpy.run_path('train.py', run_name='__main__')")
     peak, stdout = {}, {}
-    for arch in ("vit_g", "vit_tiny"):  # the same schedules (12,500 steps), only the model differs
+    for arch in ("vit_g", "vit_tiny"):  # the same schedules (2,500 steps), only the model differs
         proc = subprocess.run([sys.executable, "-c", probe, "--arch", arch, "--dry-run", "--nproc", "32",
-                               "--strategy", "fsdp", "--device", "cuda", "--epochs", "10", "--epoch-length", "1250",
+                               "--strategy", "fsdp", "--device", "cuda", "--epochs", "2", "--epoch-length", "1250",
                                "--out", str(tmp_path / arch)], cwd=ROOT, env=env, capture_output=True, text=True,
                               timeout=120)
         assert proc.returncode == 0, proc.stderr[-2000:]
