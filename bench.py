@@ -14,8 +14,8 @@ Reading order (--mode):
                     run); memory: the step's peak beside util/plan.py's estimate (CUDA: the allocator's; CPU: the
                     RSS, under MALLOC_MMAP_THRESHOLD_=65536 so that glibc returns freed blocks; machine-dependent)
     SUITES, run_suite   the GPU suite, sized for 6 minutes on one H100 / H200 (no sub-benchmark starts after
-                    --budget-s; not yet run on a GPU): each guarded, the JSON rewritten after each; --quick: toy
-                    sizes, the same code paths on a CPU (CI)
+                    --budget-s; H200 figures in DETAILS.md): each guarded, the JSON rewritten after each; --quick:
+                    toy sizes, the same code paths on a CPU (CI)
 Every flag of train.py works here (--arch, --batch-size, --global-size, --compile, --strategy, ...).
 
     python bench.py                                    # vit_tiny at the laptop preset
