@@ -485,7 +485,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 # of the class, so a feature that classifies these images has learned shapes (tests/test_data.py fits a classifier on
 # the nuisances and finds chance). Each sample carries its foreground mask for evaluate.py's segmentation score.
 
-BACKGROUNDS = ("texture", "plain")
+BACKGROUNDS = ("texture", "plain", "clutter")
 OBJECT_SIZE = (0.25, 0.45)  # the radius of a shape's unit disc, as a fraction of the image side (a range)
 SYNTHETIC_SHAPES = ("circle", "square", "triangle", "cross", "ring", "star", "ellipse", "crescent", "arrow",
                     "semicircle")
@@ -543,8 +543,9 @@ class SyntheticDataset(torch.utils.data.Dataset):
 
     Three knobs change the set without giving any class a shortcut (ABLATIONS.md §6-8 measure them):
     rotation: the angle is drawn from [0, rotation) degrees (360: any angle; 0: every shape upright).
-    background: "texture" (noise, stripes or gradients) or "plain" (one muted colour per image, the mean of the
-    texture that image would have had, so the two variants share every other draw).
+    background: "texture" (noise, stripes or gradients), "plain" (one muted colour per image, the mean of the
+    texture that image would have had, so the two variants share every other draw) or "clutter" (the texture crossed
+    by muted strokes of any width and direction: edges everywhere, as in a photograph; ABLATIONS.md §11).
     object_size: (min, max) of the radius of the shape's unit disc as a fraction of the side, at most 0.5 (the
     object must fit); small objects wander further, which a template match of the pixels cannot follow.
     """
@@ -589,6 +590,17 @@ class SyntheticDataset(torch.utils.data.Dataset):
                   for _ in range(2))
         return c0 * (1 - t[..., None]) + c1 * t[..., None]
 
+    def _strokes(self, background, rng) -> np.ndarray:
+        """The background crossed by 8-16 straight strokes, muted like it (never the object's saturation)."""
+        img = Image.fromarray(background.clip(0, 255).astype(np.uint8))  # mode RGB
+        draw = ImageDraw.Draw(img)
+        for _ in range(int(rng.integers(8, 17))):
+            colour = np.array(colorsys.hsv_to_rgb(rng.random(), rng.uniform(0, 0.3), rng.uniform(0.1, 0.95))) * 255
+            ends = rng.uniform(-0.2, 1.2, size=4) * self.size  # x0, y0, x1, y1: strokes may run off the image
+            width = max(1, round(rng.uniform(0.01, 0.06) * self.size))
+            draw.line(ends.tolist(), fill=tuple(colour.astype(int).tolist()), width=width)
+        return np.asarray(img, dtype=np.float32)
+
     def sample(self, i):
         """(PIL RGB image, label, foreground mask (size, size) bool) of sample i."""
         if not 0 <= i < self.n:
@@ -605,6 +617,8 @@ class SyntheticDataset(torch.utils.data.Dataset):
         background = self._background(rng)  # (size, size, 3)
         if self.background == "plain":
             background = np.broadcast_to(background.mean(axis=(0, 1)), background.shape)
+        elif self.background == "clutter":
+            background = self._strokes(background, rng)
         pixels = np.where(fg[..., None], color, background)
         pixels += rng.integers(-8, 9, size=pixels.shape)  # a little sensor-like noise on everything
         img = Image.fromarray(pixels.clip(0, 255).astype(np.uint8))  # mode RGB

@@ -439,6 +439,22 @@ def segmentation_iou(model: nn.Module, dataset, n_images: int = 200, size: int =
                 ceiling=100.0 * float(np.mean(ceilings)), n_images=n_images, size=size)
 
 
+class MaskedFolder:
+    """--val with --val-masks: sample(i) -> (PIL image, label, foreground mask bool (H, W)), as the synthetic set's,
+    the mask read from the same relative path under `masks` (white = object)."""
+
+    def __init__(self, images: data.ImageFolderDataset, masks: str):
+        self.images, self.masks, self.targets = images, Path(masks), images.targets
+
+    def __len__(self):
+        return len(self.images)
+
+    def sample(self, i):
+        path, label = self.images.samples[i]
+        mask = Image.open(self.masks / Path(path).relative_to(self.images.root)).convert("L")
+        return data.load_image(path), label, np.asarray(mask) > 127
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Command line
 
@@ -462,7 +478,9 @@ class EvalConfig:
     linear_epoch_length: int = arg(1250, "iterations per probe epoch, whatever the number of images", check=(1, None))
     linear_batch_size: int = arg(128, "probe batch (the learning rates scale as batch/256)", check=(1, None))
     holdout: float = arg(0.1, "fraction of train held out to choose the linear classifier (0 < f < 1)")
-    seg_images: int = arg(200, "val images for the segmentation IoU (needs masks: synthetic only)", check=(0, None))
+    seg_images: int = arg(200, "val images for the segmentation IoU (synthetic, or --val-masks)", check=(0, None))
+    seg_size: int | None = arg(None, "side of the IoU's input; none: 8 patches a side at least", check=(1, None))
+    val_masks: str | None = arg(None, "foreground masks of --val: the same relative paths, white = object")
     baseline: bool | None = arg(None, "also evaluate a random network of the same arch; none: on for synthetic")
     grey: bool | None = arg(None, "turn every image grey; none: if the run that wrote --weights saw only grey crops")
     json: str | None = arg(None, "write every figure here")
@@ -477,6 +495,8 @@ class EvalConfig:
             raise ValueError(f"--holdout must be a fraction strictly between 0 and 1, got {self.holdout}")
         if (self.train is None) != (self.val is None):
             raise ValueError("--train and --val go together")
+        if self.val_masks is not None and self.val is None:
+            raise ValueError("--val-masks needs --val (the synthetic set draws its own masks)")
         if self.weights is not None and self.random:
             raise ValueError("pass either --weights or --random, not both")
 
@@ -484,7 +504,7 @@ class EvalConfig:
 def parse_config(argv=None) -> EvalConfig:
     """--field value for every EvalConfig field (cli.parse); unknown flags and bad values are usage errors."""
     cfg = cli.parse(EvalConfig, argv, __doc__)
-    for name in ("weights", "train", "val"):
+    for name in ("weights", "train", "val", "val_masks"):
         path = getattr(cfg, name)
         if path is not None and not os.path.exists(path):
             raise MissingFile(f"--{name} {path}: no such file or folder")
@@ -508,7 +528,7 @@ def _format_table(res: dict) -> str:
     return "\n".join(rows)
 
 
-def evaluate_model(model, train_set, val_set, n_classes: int, cfg: EvalConfig, size: int, device, seg_set=None,
+def evaluate_model(model, train_set, val_set, n_classes: int, cfg: EvalConfig, seg_size: int, device, seg_set=None,
                    linear: bool = True, name: str = "backbone", grey: bool = False) -> dict | None:
     """Every protocol on one backbone; features extracted and the k-NN run on all ranks, the rest on rank 0."""
     train, val = (extract_features(model, ds, cfg.batch_size, device, num_workers=cfg.num_workers,
@@ -525,7 +545,7 @@ def evaluate_model(model, train_set, val_set, n_classes: int, cfg: EvalConfig, s
                                      holdout=cfg.holdout, seed=cfg.seed, device=device,
                                      epoch_length=cfg.linear_epoch_length)
     if seg_set is not None and cfg.seg_images > 0:
-        res["segmentation"] = segmentation_iou(model, seg_set, cfg.seg_images, size, device, grey=grey)
+        res["segmentation"] = segmentation_iou(model, seg_set, cfg.seg_images, seg_size, device, grey=grey)
     return res
 
 
@@ -558,7 +578,9 @@ def main(argv=None) -> dict | None:
             raise UserError(f"--train and --val have different classes: {len(train_set.classes)} in {cfg.train}, "
                             f"{len(val_set.classes)} in {cfg.val}; labels would not match")
         n_classes = max(1, len(train_set.classes))
-    seg_set = val_set if hasattr(val_set, "sample") else None  # only data with foreground masks
+    seg_set = val_set if synthetic else MaskedFolder(val_set, cfg.val_masks) if cfg.val_masks else None
+    # the IoU needs a grid, not the 4 x 4 patches of a 32-px laptop crop: 8 patches a side at least
+    seg_size = cfg.seg_size or max(size, 8 * model.patch_size)
 
     results = {"config": asdict(cfg), "size": size, "n_classes": n_classes, "weights": weights, "grey": grey}
     # The floor: the same k-NN on raw pixels (28 x 28, mean removed), on the same images
@@ -571,13 +593,13 @@ def main(argv=None) -> dict | None:
         knn = knn_accuracy(*raw, n_classes, cfg.ks, cfg.temperature, shard=False)  # rank 0 alone: a local search
         results["raw_pixels"] = dict(model="raw pixels 28x28" + (", grey" if grey else ""),
                                      knn={str(k): v for k, v in knn.items()})
-    res = evaluate_model(model, train_set, val_set, n_classes, cfg, size, device, seg_set, grey=grey)
+    res = evaluate_model(model, train_set, val_set, n_classes, cfg, seg_size, device, seg_set, grey=grey)
     if res is not None:
         results["backbone"] = dict(model=f"random init {cfg.arch}" if cfg.random else weights, **res)
     if baseline:
         # Same arch, random weights: what the architecture and the pixels give without training (k-NN and IoU say it)
         random_net = random_like(model, cfg.seed, float(run.get("layerscale", 1e-5))).to(device)
-        res = evaluate_model(random_net, train_set, val_set, n_classes, cfg, size, device, seg_set, linear=False,
+        res = evaluate_model(random_net, train_set, val_set, n_classes, cfg, seg_size, device, seg_set, linear=False,
                              name="random", grey=grey)
         if res is not None:
             results["random_baseline"] = dict(model="random init, same arch", **res)

@@ -86,7 +86,8 @@ class Config:
     synthetic_size: int = arg(128, "its image side in pixels", check=(1, None))
     synthetic_rotation: float = arg(360.0, "synthetic objects' angle range in degrees (0 = all upright)",
                                     check=(0, 360))
-    synthetic_background: str = arg("texture", "plain: one muted colour per image", check=BACKGROUNDS)
+    synthetic_background: str = arg("texture", "plain: one muted colour per image; clutter: texture + strokes",
+                                    check=BACKGROUNDS)
     synthetic_object_size: tuple[float, float] = arg(OBJECT_SIZE, "objects' radius range, fractions of the side",
                                                      check=(0, 0.5))
     global_size: int = arg(224, "global crop side in pixels", check=(1, None))

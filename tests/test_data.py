@@ -596,7 +596,11 @@ def test_synthetic_deterministic_balanced_with_real_masks():
 def test_synthetic_classes_are_shapes_and_nuisances_do_not_predict_them():
     with pytest.raises(ValueError, match="one shape per class"):
         SyntheticDataset(n=4, n_classes=len(data.SYNTHETIC_SHAPES) + 1)
-    ds = SyntheticDataset(n=400, size=48, n_classes=8, seed=0)
+    for background in ("texture", "clutter"):
+        _nuisances_at_chance(SyntheticDataset(n=400, size=48, n_classes=8, seed=0, background=background))
+
+
+def _nuisances_at_chance(ds):
     assert ds.classes == list(data.SYNTHETIC_SHAPES[:8])
     # Nuisances of each image: object colour (mean RGB), background colour, object centre.
     feats = []
@@ -640,6 +644,27 @@ def test_synthetic_variants_upright_and_plain():
         assert np.abs(bg.mean(0) - t_px[~t_fg].mean(0)).max() < 10  # the texture's mean colour (over all pixels)
     default = SyntheticDataset(n=8, size=48, seed=5)
     assert default.rotation == 360 and default.background == "texture"
+
+
+def test_synthetic_clutter_adds_muted_edges_to_the_background_only():
+    texture, clutter = (SyntheticDataset(n=24, size=64, seed=7, background=b) for b in ("texture", "clutter"))
+    edges = {}
+    for name, ds in (("texture", texture), ("clutter", clutter)):
+        energy = []
+        for i in range(24):
+            img, label, fg = ds.sample(i)
+            px = np.asarray(img).astype(float)
+            luma = px.mean(-1)
+            inside = ~fg[1:, 1:] & ~fg[:-1, 1:] & ~fg[1:, :-1]  # pixel pairs that are both background
+            grad = np.abs(np.diff(luma, axis=0))[:, 1:] + np.abs(np.diff(luma, axis=1))[1:, :]  # (63, 63)
+            energy.append(np.mean(grad[inside] > 60))  # sharp steps: noise and smooth textures stay under
+            if name == "clutter":
+                t_img, t_label, t_fg = texture.sample(i)
+                assert label == t_label and np.array_equal(fg, t_fg)  # the object's draws are the texture set's
+                sat = np.asarray(img.convert("HSV"))[..., 1].astype(float)
+                assert sat[fg].mean() - sat[~fg].mean() > 40  # strokes are muted: saturation still marks the object
+        edges[name] = np.mean(energy)
+    assert edges["texture"] < 0.005 and edges["clutter"] > 0.03
 
 
 def test_synthetic_object_size_sets_the_radius():

@@ -206,6 +206,23 @@ def test_segmentation_iou_hand_value():
     assert res["miou"] == pytest.approx(50.0)
 
 
+def test_segmentation_iou_on_a_folder_with_masks(tmp_path):
+    """--val-masks: each image's mask at the same relative path; a cell-aligned box is found exactly."""
+    ds = _BlockDataset([(2, 2, 6, 5), (1, 3, 4, 7)])
+    for i in range(len(ds)):
+        img, _, mask = ds.sample(i)
+        for root, picture in (("val", img), ("masks", Image.fromarray(mask.astype(np.uint8) * 255))):
+            (tmp_path / root / "cat").mkdir(parents=True, exist_ok=True)
+            picture.save(tmp_path / root / "cat" / f"{i}.png")
+    folder = evaluate.MaskedFolder(evaluate.data.ImageFolderDataset(tmp_path / "val"), tmp_path / "masks")
+    assert np.array_equal(folder.sample(1)[2], ds.sample(1)[2])
+    v = torch.randn(16, generator=torch.Generator().manual_seed(0))
+    res = evaluate.segmentation_iou(_FakeModel(v), folder, n_images=2, size=112, device="cpu")
+    assert res["miou"] == pytest.approx(100.0) and res["n_images"] == 2
+    with pytest.raises(ValueError, match="--val-masks needs --val"):
+        evaluate.EvalConfig(val_masks=str(tmp_path / "masks"))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Extraction, transforms, loading
 
@@ -358,11 +375,12 @@ def test_evaluation_reads_the_run_s_images_grey_and_variant(tmp_path, capsys):
     run = dict(p_grayscale=1.0, synthetic_rotation=0.0, synthetic_background="plain", global_size=32,
                synthetic_size=48, layerscale=0.1)
     torch.save({"config": run}, tmp_path / "teacher.pth")  # what train.py writes beside its exports
-    res = evaluate.main(["--weights", str(weights), "--n-train", "40", "--n-val", "40", "--seg-images", "0",
+    res = evaluate.main(["--weights", str(weights), "--n-train", "40", "--n-val", "40", "--seg-images", "2",
                          "--linear-epochs", "1", "--linear-epoch-length", "3", "--ks", "5",
                          "--no-baseline"])
     out = capsys.readouterr().out
     assert res["grey"] is True and res["size"] == 32 and "raw pixels 28x28, grey" in out
+    assert res["backbone"]["segmentation"]["size"] == 64  # the IoU on an 8 x 8 grid, not the 4 x 4 of a 32-px crop
     assert "synthetic={'rotation': 0.0, 'background': 'plain', 'object_size': (0.25, 0.45)}" in out
     # the raw-pixel floor was taken on those images: recompute it by hand on the same draws, grey
     variant = dict(n_classes=8, rotation=0.0, background="plain")

@@ -146,7 +146,7 @@ def test_out_naming_a_file_is_one_error_line_and_the_file_is_kept(tmp_path, caps
     ("--centering", "none", "--centering must be one of softmax, sinkhorn_knopp"),
     ("--device", "tpu", "--device must be auto, cpu, cuda[:N] or mps"),
     ("--synthetic-rotation", "400", "--synthetic-rotation must be between 0 and 360"),
-    ("--synthetic-background", "grass", "--synthetic-background must be one of texture, plain")])
+    ("--synthetic-background", "grass", "--synthetic-background must be one of texture, plain, clutter")])
 def test_flag_out_of_range_is_a_usage_error(capsys, flag, value, says):
     with pytest.raises(SystemExit) as e:
         config("unused", flag, value)
