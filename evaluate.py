@@ -451,8 +451,10 @@ class MaskedFolder:
 
     def sample(self, i):
         path, label = self.images.samples[i]
-        mask = Image.open(self.masks / Path(path).relative_to(self.images.root)).convert("L")
-        return data.load_image(path), label, np.asarray(mask) > 127
+        mask_path = self.masks / Path(path).relative_to(self.images.root)
+        if not mask_path.is_file():
+            raise MissingFile(f"--val-masks: no mask {mask_path} for {path} (the same relative path as the image)")
+        return data.load_image(path), label, np.asarray(Image.open(mask_path).convert("L")) > 127
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -219,6 +219,9 @@ def test_segmentation_iou_on_a_folder_with_masks(tmp_path):
     v = torch.randn(16, generator=torch.Generator().manual_seed(0))
     res = evaluate.segmentation_iou(_FakeModel(v), folder, n_images=2, size=112, device="cpu")
     assert res["miou"] == pytest.approx(100.0) and res["n_images"] == 2
+    (tmp_path / "masks" / "cat" / "1.png").unlink()
+    with pytest.raises(evaluate.MissingFile, match="no mask .*1.png"):
+        folder.sample(1)
     with pytest.raises(ValueError, match="--val-masks needs --val"):
         evaluate.EvalConfig(val_masks=str(tmp_path / "masks"))
 
