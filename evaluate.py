@@ -321,10 +321,11 @@ def linear_probe(train: dict, val: dict, n_classes: int, epochs: int = 10, batch
     D, n_avail = fit["blocks_cls"].shape[2], fit["blocks_cls"].shape[1]
     layouts = [(n, ap) for n in n_blocks_list if n <= n_avail for ap in avgpool_list]  # 4 input layouts
     configs = [(n, ap, lr) for n, ap in layouts for lr in lrs]  # x 13 learning rates = 52 classifiers
-    heads = nn.ModuleList(nn.Linear((n + ap) * D, n_classes) for n, ap, _ in configs).to(device)
-    for head in heads:
-        nn.init.normal_(head.weight, std=0.01)
+    heads = nn.ModuleList(nn.Linear((n + ap) * D, n_classes) for n, ap, _ in configs)
+    for head in heads:  # drawn from the probe's own generator: the same seed gives the same figures
+        nn.init.normal_(head.weight, std=0.01, generator=g)
         nn.init.zeros_(head.bias)
+    heads = heads.to(device)
     # The released linear-scaling rule: lr x (batch * world) / 256 (one process trains on the gathered cache here).
     base_lrs = [lr * batch_size / 256 for _, _, lr in configs]
     optimizer = torch.optim.SGD([{"params": h.parameters(), "lr": lr} for h, lr in zip(heads, base_lrs)],
