@@ -6,7 +6,7 @@ Paper: DINOv2 (Oquab et al., 2023) section 4 and appendix, which inherit the mul
 
 Public names, in reading order:
     IMAGENET_MEAN, IMAGENET_STD, IMAGE_EXTENSIONS, to_tensor, torch_seed()
-    convert_to_rgb(img), load_image(path), to_grey(img)    any file / PIL mode -> upright RGB; the grayscale step
+    to_grey(img)                                           the grayscale step (load_image: util/images.py)
     CropParams, MultiCropAugmentation                      2 global + n_local crops per image
     MaskingGenerator                                       random rectangular blocks on the patch grid
     MultiCropCollate                                       a rank's slice of a global batch, with its iBOT masks
@@ -33,6 +33,7 @@ import torch
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageOps
 
 from util.cli import MissingFile, UserError
+from util.images import convert_to_rgb, load_image  # users' files, any mode, upright, as RGB
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -55,32 +56,7 @@ def torch_seed() -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Loading: any file, any PIL mode -> upright RGB
-
-def convert_to_rgb(img: Image.Image) -> Image.Image:
-    """Convert any PIL mode to RGB: 16/32-bit grey is rescaled, transparency is composited on white."""
-    if img.mode == "RGB":
-        return img
-    if img.mode.startswith("I") or img.mode == "F":
-        # convert("L") would clip a 16-bit image at 255 (almost all white), so rescale the range instead:
-        # integer modes are read as 16-bit (0..65535), float images as 0..1 when they look like it.
-        a = np.asarray(img, dtype=np.float32)
-        scale = 255.0 / 65535.0 if img.mode.startswith("I") else (255.0 if a.max() <= 1.0 else 1.0)
-        img = Image.fromarray(np.clip(a * scale + 0.5, 0, 255).astype(np.uint8))  # mode L
-    if img.mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in img.info:
-        # Transparent pixels often hide black or garbage colours; white is what a viewer shows behind them.
-        white = Image.new("RGBA", img.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, img.convert("RGBA")).convert("RGB")
-    return img.convert("RGB")  # L, 1, P, CMYK, YCbCr, ...
-
-
-def load_image(path) -> Image.Image:
-    """Decode a file (path or file object) fully, so that a truncated one raises here (PIL is lazy), upright, as RGB."""
-    with Image.open(path) as img:
-        img.load()
-        ImageOps.exif_transpose(img, in_place=True)  # phone photos store pixels sideways + an orientation tag
-        return convert_to_rgb(img)
-
+# The grayscale step (users' files are decoded by util/images.py: any file, any PIL mode -> upright RGB)
 
 def to_grey(img: Image.Image) -> Image.Image:
     """The augmentation's grayscale step (ITU-R 601 luma, as PIL's convert("L")), kept as three equal channels."""

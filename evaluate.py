@@ -9,7 +9,7 @@ Public names, in reading order:
     round_to_patch, EvalTransform                 -- resize / centre-crop / normalise (data.to_grey for a grey run)
     extract_features                              -- batched, a contiguous shard per rank, gathered in dataset order
     knn_scores, knn_classify, knn_accuracy        -- weighted k-NN on L2-normalised cls tokens
-    raw_pixel_features, KnnMonitor                -- the raw-pixel floor; the online k-NN that train.py runs
+    raw_pixel_features                            -- the raw-pixel floor (util/runlog.py's KnnMonitor: train.py's)
     LINEAR_LRS, create_linear_input, linear_probe -- 52 linear classifiers trained at once on cached features
     first_principal_component, segmentation_iou   -- foreground from the first PCA component of the patch tokens
     EvalConfig, main                              -- the command line
@@ -254,34 +254,6 @@ def raw_pixel_features(dataset, side: int = 28, crop: bool = False, grey: bool =
             for i in range(len(dataset))]
     x = torch.from_numpy(np.stack(rows)).flatten(1)  # (N, 3 * side * side)
     return x - x.mean(dim=1, keepdim=True)
-
-
-class KnnMonitor:
-    """Online k-NN during training (as solo-learn and lightly do): the released k-NN's top-1 (k=20, T=0.07) of the
-    cls token, a labelled bank against held-out queries, transformed once (a check is one forward of each).
-    `raw_pixels` is the same k-NN on raw_pixel_features: the floor a learned feature must clear.
-    """
-
-    def __init__(self, bank, queries, n_classes: int, size: int, patch: int, batch_size: int = 250,
-                 grey: bool = False):
-        crop = not hasattr(bank, "sample")  # synthetic images are square and framed already
-        transform = EvalTransform(size, crop=crop, patch=patch, grey=grey)
-        self.n_classes, self.batch_size = n_classes, batch_size
-        self.images, self.labels = [], []
-        for ds in (bank, queries):
-            items = [ds[i] for i in range(len(ds))]
-            self.images.append(torch.stack([transform(img) for img, _ in items]))  # (N, 3, size, size)
-            self.labels.append(torch.tensor([label for _, label in items], dtype=torch.long))  # (N,)
-        self.raw_pixels = knn_accuracy(raw_pixel_features(bank, crop=crop, grey=grey), self.labels[0],
-                                       raw_pixel_features(queries, crop=crop, grey=grey), self.labels[1], n_classes,
-                                       ks=(20,))[20]["top1"]
-
-    @torch.no_grad()
-    def __call__(self, embed, device) -> float:
-        """k-NN top-1 % of `embed`, a function images (B, 3, H, W) -> cls tokens (B, D)."""
-        bank, queries = [torch.cat([embed(x[i:i + self.batch_size].to(device)).float().cpu()  # (N, D), (Q, D)
-                                    for i in range(0, len(x), self.batch_size)]) for x in self.images]
-        return knn_accuracy(bank, self.labels[0], queries, self.labels[1], self.n_classes, ks=(20,))[20]["top1"]
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import evaluate
+from util import runlog
 import vit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -460,13 +461,13 @@ def test_raw_pixel_features_grey():
 
 def test_knn_monitor_scores_a_perfect_and_a_useless_embedding():
     bank, queries = SolidColours(40, seed=0), SolidColours(20, seed=1)
-    monitor = evaluate.KnnMonitor(bank, queries, n_classes=4, size=14, patch=7, batch_size=16)
+    monitor = runlog.KnnMonitor(bank, queries, n_classes=4, size=14, patch=7, batch_size=16)
     assert monitor.images[0].shape == (40, 3, 14, 14) and monitor.raw_pixels == 100.0  # colour = class here
     mean_colour = lambda x: x.mean(dim=(2, 3))  # (B, 3): separates the four colours
     assert monitor(mean_colour, "cpu") == 100.0
     constant = lambda x: torch.ones(len(x), 3)  # every image the same: the top-k is the first k of the bank
     assert monitor(constant, "cpu") < 50.0
-    grey = evaluate.KnnMonitor(bank, queries, n_classes=4, size=14, patch=7, batch_size=16, grey=True)
+    grey = runlog.KnnMonitor(bank, queries, n_classes=4, size=14, patch=7, batch_size=16, grey=True)
     x = grey.images[0]  # (40, 3, 14, 14), normalised per channel: undo it to compare the channels
     std, mean = torch.tensor(evaluate.data.IMAGENET_STD), torch.tensor(evaluate.data.IMAGENET_MEAN)
     pixels = x * std.view(1, 3, 1, 1) + mean.view(1, 3, 1, 1)

@@ -3,7 +3,7 @@ the stream skipped, Ctrl-C, the loss plot, and the collapse alarm on the teacher
 the device; every --log-every steps (and at monitor steps) one host sync reduces them over ranks and rank 0 writes a
 row. Used by train.py: `python train.py`.
 
-    Logger, build_monitor                 the per-step bookkeeping of train.fit; its k-NN monitor (or None)
+    Logger, build_monitor, KnnMonitor     the per-step bookkeeping of train.fit; its k-NN monitor (or None)
     SkipReport, StopRequest               the files the stream skipped; Ctrl-C / SIGTERM: save, then exit 130
     trim_metrics, plot_run                metrics.jsonl cut back to a resumed step; loss.png at the end
     teacher_diagnostics, CollapseAlarm    entropy, prototypes used, cross-view correlation; the warning they feed
@@ -114,12 +114,11 @@ class Logger:
 
 
 def build_monitor(cfg, n_images):
-    """The online k-NN monitor (evaluate.KnnMonitor), or None when it is off. Its bank and queries: synthetic training
+    """The online k-NN monitor (KnnMonitor below), or None when it is off. Its bank and queries: synthetic training
     images and as many of another seed, or --monitor-data (--data with class sub-folders) halved by a fixed shuffle."""
     if cfg.monitor_every <= 0 or cfg.monitor_images <= 0:
         return None
     from data import ImageFolderDataset, SyntheticDataset, variant
-    from evaluate import KnnMonitor  # evaluation code, only imported when the monitor is on
     n = cfg.monitor_images
     folder = cfg.monitor_data or cfg.data
     if folder:
@@ -135,6 +134,35 @@ def build_monitor(cfg, n_images):
         queries = SyntheticDataset(n=n, size=cfg.synthetic_size, seed=cfg.seed + 1, **kind)
     grey = cfg.p_grayscale >= 1  # a run that only sees grey crops is read on grey images, its raw-pixel floor too
     return KnnMonitor(bank, queries, len(images.classes), cfg.global_size, cfg.patch_size, grey=grey)
+
+
+class KnnMonitor:
+    """Online k-NN during training (as solo-learn and lightly do): the released k-NN's top-1 (k=20, T=0.07) of the
+    cls token, a labelled bank against held-out queries, transformed once (a check is one forward of each).
+    `raw_pixels` is the same k-NN on raw_pixel_features: the floor a learned feature must clear.
+    """
+
+    def __init__(self, bank, queries, n_classes: int, size: int, patch: int, batch_size: int = 250,
+                 grey: bool = False):
+        from evaluate import EvalTransform, knn_accuracy, raw_pixel_features  # imported only when the monitor is on
+        crop = not hasattr(bank, "sample")  # synthetic images are square and framed already
+        transform = EvalTransform(size, crop=crop, patch=patch, grey=grey)
+        self.n_classes, self.batch_size, self.knn_accuracy = n_classes, batch_size, knn_accuracy
+        self.images, self.labels = [], []
+        for ds in (bank, queries):
+            items = [ds[i] for i in range(len(ds))]
+            self.images.append(torch.stack([transform(img) for img, _ in items]))  # (N, 3, size, size)
+            self.labels.append(torch.tensor([label for _, label in items], dtype=torch.long))  # (N,)
+        self.raw_pixels = knn_accuracy(raw_pixel_features(bank, crop=crop, grey=grey), self.labels[0],
+                                       raw_pixel_features(queries, crop=crop, grey=grey), self.labels[1], n_classes,
+                                       ks=(20,))[20]["top1"]
+
+    @torch.no_grad()
+    def __call__(self, embed, device) -> float:
+        """k-NN top-1 % of `embed`, a function images (B, 3, H, W) -> cls tokens (B, D)."""
+        bank, queries = [torch.cat([embed(x[i:i + self.batch_size].to(device)).float().cpu()  # (N, D), (Q, D)
+                                    for i in range(0, len(x), self.batch_size)]) for x in self.images]
+        return self.knn_accuracy(bank, self.labels[0], queries, self.labels[1], self.n_classes, ks=(20,))[20]["top1"]
 
 
 class SkipReport:
