@@ -311,7 +311,7 @@ def test_alarm_stays_silent_on_the_laptop_default(tmp_path, capsys):
     import json
     # The laptop preset itself (no flag but the run's length and the monitor's size): its teacher never stays uniform.
     args = ["--out", str(tmp_path), "--epochs", "1", "--epoch-length", "40", "--monitor-images", "50",
-            "--save-every", "1000"]  # 40 steps: twice the alarm's 20-step window
+            "--save-every", "1000", "--num-workers", "0"]  # 40 steps: twice the alarm's 20-step window
     train.train(train.parse_config(argv=args))  # in this process: the suite's time goes to the steps, not start-up
     said = capsys.readouterr()
     assert "collapse alarm" not in said.out + said.err and "done:" in said.out
