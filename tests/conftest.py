@@ -13,16 +13,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
-# The tiny preset: a vit_tiny on 56-px crops of 64-px synthetic images with every part of the objective (2 global +
-# 2 local crops, masking, untied heads, 64 prototypes) in seconds on a CPU. TINY_MODEL is the model and its data;
-# TINY adds a complete 4-step run with a checkpoint every 2 steps. Later flags override earlier ones.
-TINY_MODEL = ["--patch-size", "14", "--global-size", "56", "--local-size", "28", "--n-local", "2", "--batch-size", "4",
-              "--n-prototypes", "64", "--ibot-n-prototypes", "64", "--head-hidden-dim", "64",
+# The tiny preset: a 2-block vit_tiny on 56-px crops of 64-px synthetic images with every part of the objective
+# (2 global + 2 local crops, masking, untied heads, 64 prototypes) in seconds on a CPU. TINY_MODEL is the model and its
+# data; TINY adds a complete 4-step run with a checkpoint every 2 steps. Later flags override earlier ones.
+TINY_MODEL = ["--depth", "2", "--patch-size", "14", "--global-size", "56", "--local-size", "28", "--n-local", "2",
+              "--batch-size", "4", "--n-prototypes", "64", "--ibot-n-prototypes", "64", "--head-hidden-dim", "64",
               "--head-bottleneck-dim", "32", "--ibot-bottleneck-dim", "32", "--synthetic-images", "64",
               "--synthetic-size", "64", "--num-workers", "0"]
 TINY = TINY_MODEL + ["--epochs", "1", "--epoch-length", "4", "--warmup-epochs", "0.5", "--freeze-last-layer-epochs",
                      "0.25", "--log-every", "1", "--save-every", "2", "--teacher-temp", "0.07",
-                     "--warmup-teacher-temp-epochs", "0.5"]
+                     "--warmup-teacher-temp-epochs", "0.5", "--monitor-images", "16"]  # the monitor at the end, small
 
 
 def run_script(args, nproc=1, timeout=240, script="train.py", torchrun=False):

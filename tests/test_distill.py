@@ -12,7 +12,8 @@ from conftest import load_checkpoint, run_script
 # the teacher is a TINY train.py run; the student copies its heads and crops (FROM_TEACHER) and needs no flags for them
 STUDENT = ["--batch-size", "4", "--epochs", "1", "--epoch-length", "4", "--warmup-epochs", "0.5",
            "--freeze-last-layer-epochs", "0.25", "--num-workers", "0", "--log-every", "1", "--save-every", "2",
-           "--head-hidden-dim", "32", "--head-bottleneck-dim", "16", "--ibot-bottleneck-dim", "16"]
+           "--head-hidden-dim", "32", "--head-bottleneck-dim", "16", "--ibot-bottleneck-dim", "16",
+           "--monitor-images", "16"]  # the preset's monitor, at the end only and small
 
 
 @pytest.fixture(scope="module")

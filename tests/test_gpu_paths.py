@@ -103,7 +103,7 @@ def test_loss_functions_compute_in_fp32_under_bf16_autocast():
 
 
 def test_bf16_step_keeps_losses_fp32_and_matches_fp32():
-    short = TINY_MODEL + ["--depth", "2"]  # bf16 matmuls are slow on a CPU without AMX
+    short = TINY_MODEL  # 2 blocks: bf16 matmuls are slow on a CPU without AMX
     cfg, run, batch = tiny_setup(short + ["--dtype", "bf16"])
     with DtypeLog() as log:  # the whole step: bf16 autocast is the run's (train.autocast_for)
         terms, t_cls, _ = train.train_step(run, batch, 0)
@@ -355,24 +355,31 @@ def test_dry_run_builds_nothing_and_a_run_that_cannot_fit_stops(tmp_path):
     probe = ("import atexit, runpy, sys; sys.argv[0] = 'train.py'; atexit.register(lambda: print('peak_rss', next("
              "int(line.split()[1]) * 1024 for line in open('/proc/self/status') if line.startswith('VmHWM:')))); "
              "runpy.run_path('train.py', run_name='__main__')")
+    # The three processes below spend their time importing torch (one core each): started together, waited on after.
+    dry = {arch: subprocess.Popen([sys.executable, "-c", probe, "--arch", arch, "--dry-run", "--nproc", "32",
+                                   "--strategy", "fsdp", "--device", "cuda", "--epochs", "2", "--epoch-length", "1250",
+                                   "--out", str(tmp_path / arch)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
+           for arch in ("vit_g", "vit_tiny")}  # the same schedules (2,500 steps), only the model differs
+    # a vit_g on one CPU at batch 512 needs ~1.6 TB: one error line with the advice, before anything is allocated
+    too_big = subprocess.Popen([sys.executable, "train.py", "--arch", "vit_g", "--batch-size", "512", "--device", "cpu",
+                                "--out", "/nonexistent/never-written"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
     peak, stdout = {}, {}
-    for arch in ("vit_g", "vit_tiny"):  # the same schedules (2,500 steps), only the model differs
-        proc = subprocess.run([sys.executable, "-c", probe, "--arch", arch, "--dry-run", "--nproc", "32",
-                               "--strategy", "fsdp", "--device", "cuda", "--epochs", "2", "--epoch-length", "1250",
-                               "--out", str(tmp_path / arch)], cwd=ROOT, env=env, capture_output=True, text=True,
-                              timeout=120)
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        stdout[arch] = proc.stdout
-        peak[arch] = int(proc.stdout.split("peak_rss")[-1])
+    try:
+        for arch, proc in dry.items():
+            out, err = proc.communicate(timeout=120)
+            assert proc.returncode == 0, err[-2000:]
+            stdout[arch], peak[arch] = out, int(out.split("peak_rss")[-1])
+        _, too_big_err = too_big.communicate(timeout=120)
+    finally:
+        for proc in (*dry.values(), too_big):
+            proc.kill()
     # a dry run of vit_g takes what one of vit_tiny takes (the RSS of the interpreter and torch's libraries alone
     # depends on the build of torch): the fp32 weights of vit_g alone would be 4.6 GiB
     assert abs(peak["vit_g"] - peak["vit_tiny"]) < 100 * 2**20, peak
     g = stdout["vit_g"]
     assert "vit_giant2, 32 x cuda (fsdp, bf16)" in g and "peak total" in g and "1,234.9M" in g
-    # a vit_g on one CPU at batch 512 needs ~1.6 TB: one error line with the advice, before anything is allocated
-    proc = subprocess.run([sys.executable, "train.py", "--arch", "vit_g", "--batch-size", "512", "--device", "cpu",
-                           "--out", "/nonexistent/never-written"], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=120)
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1].startswith("error: the run needs")
-    assert "--activation-checkpointing" in proc.stderr
+    assert too_big.returncode == 1 and "Traceback" not in too_big_err
+    assert too_big_err.strip().splitlines()[-1].startswith("error: the run needs")
+    assert "--activation-checkpointing" in too_big_err

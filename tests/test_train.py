@@ -151,7 +151,7 @@ def test_checkpoint_of_another_model_is_a_clear_error(straight_run, tmp_path):
 
 def test_non_finite_loss_names_step_and_term(tmp_path):
     import vit
-    bad = vit.build_model("vit_tiny", img_size=56, depth=train.PRESETS["vit_tiny"]["depth"]).state_dict()
+    bad = vit.build_model("vit_tiny", img_size=56, depth=int(TINY[TINY.index("--depth") + 1])).state_dict()
     bad["cls_token"] = torch.full_like(bad["cls_token"], float("nan"))
     torch.save(bad, tmp_path / "nan.pth")
     cfg = train.parse_config(argv=TINY + ["--out", str(tmp_path / "run"), "--init-from", str(tmp_path / "nan.pth")])
