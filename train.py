@@ -310,7 +310,8 @@ class SSLModel(nn.Module):
         if local_crops is not None and local_crops.shape[0] > 0:  # one pass for all local crops
             all_cls = torch.cat([cls, self.backbone.forward_features(local_crops)["x_norm_clstoken"]])  # ((2+L)B, D)
         logits = self.dino_head(all_cls)  # ((2+L)B, K): one head call for global and local crops
-        out = dict(cls=cls, global_logits=logits[:n_global], local_logits=logits[n_global:])
+        # copies, not views of one tensor: FSDP2 hooks each output of the root for its backward, and warns on views
+        out = dict(cls=cls.clone(), global_logits=logits[:n_global].clone(), local_logits=logits[n_global:].clone())
         if mask_indices is not None:  # None: cls only (the k-NN monitor)
             patches = g["x_norm_patchtokens"].flatten(0, 1)[mask_indices]  # (M, D): masked positions only
             patch_head = self.dino_head if self.ibot_head is None else self.ibot_head
