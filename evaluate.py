@@ -17,6 +17,7 @@ Public names, in reading order:
 Commands:
     python evaluate.py                                   # model of `python train.py`, synthetic set, + random baseline
     python evaluate.py --weights dinov2_vits14_pretrain.pth --train imagenet/train --val imagenet/val
+    python evaluate.py --weights other_run/teacher_backbone.pth --like runs/train   # on the images runs/train saw
     torchrun --nproc_per_node=8 evaluate.py --weights W --train DIR --val DIR --json eval.json
 
 Shape alphabet: B batch, N tokens (patches), D width, Q queries, C classes, n blocks, max_k neighbours.
@@ -84,12 +85,12 @@ def load_backbone(weights=None, arch: str = "vit_tiny", device=None, random_init
     return model.to(device).eval().requires_grad_(False)
 
 
-def training_config(weights) -> dict:
-    """The config of the run that wrote `weights`, from the teacher.pth / student.pth train.py / distill.py write
-    beside it ({} if none): where the random baseline starts (layerscale) and the images it is read on."""
-    if weights is not None:
+def training_config(run_dir) -> dict:
+    """The config of the run in `run_dir`, from the teacher.pth / student.pth train.py / distill.py write beside
+    their exports ({} if none): where the random baseline starts (layerscale) and the images it is read on."""
+    if run_dir is not None:
         for name in ("teacher.pth", "student.pth"):
-            run_file = Path(weights).parent / name
+            run_file = Path(run_dir) / name
             if run_file.is_file():
                 try:  # only a hint: a file beside the weights that does not read must not cost the evaluation
                     config = read_checkpoint(run_file, mmap=True).get("config", {})
@@ -437,6 +438,7 @@ class MaskedFolder:
 @dataclass
 class EvalConfig:
     weights: str | None = arg(None, "backbone file (any layout); none: runs/train/teacher_backbone.pth")
+    like: str | None = arg(None, "run folder: read the weights on its images, crop size and grey, not on their run's")
     arch: str = arg("vit_tiny", "architecture of --random (a weights file carries its own)", check=tuple(vit.ARCHS))
     random: bool = arg(False, "evaluate a randomly initialised --arch instead of weights")
     train: str | None = arg(None, "image folder (class sub-folders) or file list; none: the synthetic set")
@@ -479,7 +481,7 @@ class EvalConfig:
 def parse_config(argv=None) -> EvalConfig:
     """--field value for every EvalConfig field (cli.parse); unknown flags and bad values are usage errors."""
     cfg = cli.parse(EvalConfig, argv, __doc__)
-    for name in ("weights", "train", "val", "val_masks"):
+    for name in ("weights", "like", "train", "val", "val_masks"):
         path = getattr(cfg, name)
         if path is not None and not os.path.exists(path):
             raise MissingFile(f"--{name} {path}: no such file or folder")
@@ -530,7 +532,10 @@ def main(argv=None) -> dict | None:
     synthetic = cfg.train is None
     # Derived values are printed, never written back into cfg.
     weights = None if cfg.random else str(cfg.weights or DEFAULT_WEIGHTS)
-    run = training_config(weights)  # the run that wrote the weights ({} for --random)
+    run_dir = cfg.like or (Path(weights).parent if weights else None)  # by default, the run that wrote the weights
+    run = training_config(run_dir)  # {} for --random
+    if cfg.like and not run:
+        raise MissingFile(f"--like {cfg.like}: no teacher.pth or student.pth of a run there")
     size = cfg.size or run.get("global_size", 224)  # features are read at the resolution they were trained at
     synthetic_kind = variant(run)  # the run's variant of the synthetic set
     baseline = cfg.baseline if cfg.baseline is not None else (synthetic and not cfg.random)

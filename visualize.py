@@ -306,7 +306,7 @@ def main(argv=None) -> Path:
         out = plot_compare(cfg.compare, cfg.out)
     else:
         synthetic = not cfg.images
-        run = {} if cfg.random else training_config(cfg.weights or DEFAULT_WEIGHTS)  # the run that wrote the weights
+        run = {} if cfg.random else training_config(Path(cfg.weights or DEFAULT_WEIGHTS).parent)  # the weights' run
         if synthetic:  # the variant of the synthetic set that run trained on
             ds = data.SyntheticDataset(n=cfg.n_synthetic, size=128, seed=1, **variant(run))
             images = [(f"synthetic {i}", ds.sample(i)[0]) for i in range(cfg.n_synthetic)]

@@ -413,6 +413,26 @@ def test_evaluation_reads_the_run_s_images_grey_and_variant(tmp_path, capsys):
     assert colour["grey"] is False and "raw pixels 28x28, grey" not in capsys.readouterr().out
 
 
+def test_like_reads_bare_weights_on_another_run_s_images(tmp_path, capsys):
+    """Weights with no run beside them (a released file) are read --like a run folder: its size, grey and variant."""
+    torch.manual_seed(0)
+    (tmp_path / "bare").mkdir()
+    weights = tmp_path / "bare" / "hub.pth"
+    torch.save(vit.build_model("vit_tiny", img_size=32, patch_size=8, depth=1).state_dict(), weights)
+    (tmp_path / "run").mkdir()
+    torch.save({"config": dict(p_grayscale=1.0, synthetic_rotation=0.0, synthetic_background="clutter",
+                               global_size=32, synthetic_size=48)}, tmp_path / "run" / "teacher.pth")
+    args = ["--weights", str(weights), "--n-train", "16", "--n-val", "16", "--seg-images", "0", "--linear-epochs", "1",
+            "--linear-epoch-length", "2", "--ks", "5", "--no-baseline"]
+    res = evaluate.main(args + ["--like", str(tmp_path / "run")])
+    assert res["grey"] is True and res["size"] == 32
+    assert "synthetic={'rotation': 0.0, 'background': 'clutter'" in capsys.readouterr().out
+    own = evaluate.main(args)  # alone, the file is read as a released model: 224 px, colour, the full synthetic set
+    assert own["grey"] is False and own["size"] == 224 and "'background': 'texture'" in capsys.readouterr().out
+    with pytest.raises(evaluate.MissingFile, match="--like .*bare: no teacher.pth or student.pth"):
+        evaluate.main(args + ["--like", str(tmp_path / "bare")])
+
+
 def test_cli_rejects_unknown_flags(capsys):
     with pytest.raises(SystemExit):
         evaluate.parse_config(["--no-such-flag"])
