@@ -103,8 +103,8 @@ def test_loss_functions_compute_in_fp32_under_bf16_autocast():
 
 
 def test_bf16_step_keeps_losses_fp32_and_matches_fp32():
-    short = TINY_MODEL  # 2 blocks: bf16 matmuls are slow on a CPU without AMX
-    cfg, run, batch = tiny_setup(short + ["--dtype", "bf16"])
+    # TINY_MODEL has 2 blocks: bf16 matmuls are slow on a CPU without AMX
+    cfg, run, batch = tiny_setup(TINY_MODEL + ["--dtype", "bf16"])
     with DtypeLog() as log:  # the whole step: bf16 autocast is the run's (train.autocast_for)
         terms, t_cls, _ = train.train_step(run, batch, 0)
     assert {c[1] for c in log.calls if c[0] == "linear"} == {torch.bfloat16}  # the matmuls did run in bf16
@@ -112,7 +112,7 @@ def test_bf16_step_keeps_losses_fp32_and_matches_fp32():
     assert softmaxes and {c[1] for c in softmaxes} == {torch.float32}
     assert t_cls.dtype == torch.float32 and all(v.dtype == torch.float32 for v in terms.values())
     # a few full steps (backward, clipping, AdamW, EMA): the same losses as fp32 within bf16 rounding
-    bf16, fp32 = run_steps(short + ["--dtype", "bf16"]), run_steps(short + ["--dtype", "fp32"])
+    bf16, fp32 = run_steps(TINY_MODEL + ["--dtype", "bf16"]), run_steps(TINY_MODEL + ["--dtype", "fp32"])
     assert torch.isfinite(bf16).all()
     torch.testing.assert_close(bf16, fp32, rtol=3e-2, atol=3e-2)
 
